@@ -1,0 +1,140 @@
+#pragma once
+// Argument checks shared by the CPU and CUDA bindings of every resfuse op. Each message names the op
+// and the argument, e.g.
+//   "resfuse::bn_act: residual must have the shape of input [2, 5, 7, 7], got [2, 5, 7, 8]".
+// Memory layout is never an error: see layout.h (to_layout) for how other strides are accepted.
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <optional>
+
+namespace resfuse {
+
+// dtype of the per-channel vectors (scale, shift, means, ...) and statistics for activations of
+// dtype `act`: float64 for float64, float32 for float32, bfloat16 and float16.
+inline at::ScalarType param_dtype(at::ScalarType act) {
+  return act == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline void check_4d(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.dim() == 4, op, ": ", name, " must be a 4-D [N, C, H, W] tensor, got ", t.dim(),
+              "-D with shape ", t.sizes());
+}
+
+inline void check_floating(const char* op, const char* name, const at::Tensor& t) {
+  const auto st = t.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf, op,
+              ": ", name, " must be float32, float64, bfloat16 or float16, got ", st);
+}
+
+inline void check_same_device(const char* op, const char* name, const at::Tensor& t,
+                              const char* ref_name, const at::Tensor& ref) {
+  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " must be on the device of ", ref_name,
+              " (", ref.device(), "), got ", t.device());
+}
+
+inline void check_same_dtype(const char* op, const char* name, const at::Tensor& t,
+                             const char* ref_name, const at::Tensor& ref) {
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " must have the dtype of ",
+              ref_name, " (", ref.scalar_type(), "), got ", t.scalar_type());
+}
+
+inline void check_same_shape(const char* op, const char* name, const at::Tensor& t,
+                             const char* ref_name, const at::Tensor& ref) {
+  TORCH_CHECK(t.sizes() == ref.sizes(), op, ": ", name, " must have the shape of ", ref_name, " ",
+              ref.sizes(), ", got ", t.sizes());
+}
+
+// The main activation of an op: 4-D and floating point.
+inline void check_activation(const char* op, const char* name, const at::Tensor& t) {
+  check_4d(op, name, t);
+  check_floating(op, name, t);
+}
+
+// A secondary activation (grad_out, output, residual): same device, dtype and shape as `ref`.
+inline void check_like(const char* op, const char* name, const at::Tensor& t, const char* ref_name,
+                       const at::Tensor& ref) {
+  check_same_device(op, name, t, ref_name, ref);
+  check_same_dtype(op, name, t, ref_name, ref);
+  check_same_shape(op, name, t, ref_name, ref);
+}
+
+// A per-channel vector for the activation `input`: shape [C], dtype param_dtype(input), same device.
+inline void check_channel_vector(const char* op, const char* name, const at::Tensor& t,
+                                 const at::Tensor& input) {
+  const int64_t channels = input.size(1);
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == channels, op, ": ", name, " must have shape [C] = [",
+              channels, "] (C = input.size(1)), got ", t.sizes());
+  const auto want = param_dtype(input.scalar_type());
+  TORCH_CHECK(t.scalar_type() == want, op, ": ", name, " must be ", want, " for ",
+              input.scalar_type(), " input, got ", t.scalar_type());
+  check_same_device(op, name, t, "input", input);
+}
+
+// ---- Per-op argument rules (docs/architecture.md), one function per schema in csrc/ops.cpp ----
+
+inline void check_bn_stats_args(const at::Tensor& input) {
+  check_activation("resfuse::bn_stats", "input", input);
+}
+
+inline void check_bn_act_args(const at::Tensor& input, const at::Tensor& scale,
+                              const at::Tensor& shift, const std::optional<at::Tensor>& residual,
+                              const std::optional<at::Tensor>& res_scale) {
+  constexpr const char* op = "resfuse::bn_act";
+  check_activation(op, "input", input);
+  check_channel_vector(op, "scale", scale, input);
+  check_channel_vector(op, "shift", shift, input);
+  if (residual) check_like(op, "residual", *residual, "input", input);
+  if (res_scale) {
+    TORCH_CHECK(residual.has_value(), op, ": res_scale is given but residual is None");
+    check_channel_vector(op, "res_scale", *res_scale, input);
+  }
+}
+
+// `output` is read only when relu is true (for the ReLU mask); it is not checked otherwise.
+inline void check_bn_act_backward_reduce_args(const at::Tensor& grad_out, const at::Tensor& output,
+                                              const at::Tensor& input, const at::Tensor& mean,
+                                              const std::optional<at::Tensor>& residual,
+                                              const std::optional<at::Tensor>& res_mean,
+                                              bool relu) {
+  constexpr const char* op = "resfuse::bn_act_backward_reduce";
+  check_activation(op, "input", input);
+  check_like(op, "grad_out", grad_out, "input", input);
+  if (relu) check_like(op, "output", output, "input", input);
+  check_channel_vector(op, "mean", mean, input);
+  TORCH_CHECK(residual.has_value() == res_mean.has_value(), op,
+              ": residual and res_mean must be given together, got only ",
+              residual ? "residual" : "res_mean");
+  if (residual) {
+    check_like(op, "residual", *residual, "input", input);
+    check_channel_vector(op, "res_mean", *res_mean, input);
+  }
+}
+
+inline void check_bn_act_backward_apply_args(
+    const at::Tensor& grad_out, const at::Tensor& output, const at::Tensor& input,
+    const at::Tensor& a, const at::Tensor& b, const at::Tensor& d,
+    const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& res_a,
+    const std::optional<at::Tensor>& res_b, const std::optional<at::Tensor>& res_d, bool relu,
+    bool residual_grad) {
+  constexpr const char* op = "resfuse::bn_act_backward_apply";
+  check_activation(op, "input", input);
+  check_like(op, "grad_out", grad_out, "input", input);
+  if (relu) check_like(op, "output", output, "input", input);
+  check_channel_vector(op, "a", a, input);
+  check_channel_vector(op, "b", b, input);
+  check_channel_vector(op, "d", d, input);
+  TORCH_CHECK(res_a.has_value() == res_b.has_value() && res_a.has_value() == res_d.has_value(), op,
+              ": res_a, res_b and res_d must be given together or not at all");
+  if (res_a) {
+    check_channel_vector(op, "res_a", *res_a, input);
+    check_channel_vector(op, "res_b", *res_b, input);
+    check_channel_vector(op, "res_d", *res_d, input);
+    TORCH_CHECK(residual.has_value() || !residual_grad, op,
+                ": residual is required for grad_residual = res_a * dz + res_b * residual + res_d");
+  }
+  if (residual) check_like(op, "residual", *residual, "input", input);
+}
+
+}  // namespace resfuse

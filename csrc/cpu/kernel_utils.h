@@ -1,0 +1,105 @@
+#pragma once
+// Helpers shared by the CPU kernels in this folder: vector I/O in the accumulation type, a
+// compile-time switch for flags, and the work partitions of the two layouts (common/layout.h).
+
+#include <ATen/OpMathType.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <array>
+#include <type_traits>
+
+namespace resfuse::cpu {
+
+using at::vec::Vectorized;
+
+// Elements of work below which a parallel range is not split further.
+constexpr int64_t kGrainElems = 32768;
+
+// f(std::true_type{}) or f(std::false_type{}): a runtime flag becomes a constant inside f.
+template <typename F>
+void bool_switch(bool flag, F&& f) {
+  if (flag) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
+}
+
+// Activations of dtype scalar_t are read and written as vectors of their accumulation type acc_t
+// (float for float32, bfloat16 and float16; double for float64). One step covers kStep elements,
+// i.e. one Vectorized<scalar_t>, which is kParts vectors of acc_t (2 for bfloat16/float16, else 1).
+template <typename scalar_t>
+struct VecIO {
+  using acc_t = at::opmath_type<scalar_t>;
+  using Vec = Vectorized<acc_t>;
+  static constexpr bool kReduced = !std::is_same_v<scalar_t, acc_t>;
+  static constexpr int64_t kStep = Vectorized<scalar_t>::size();
+  static constexpr int64_t kParts = kStep / Vec::size();
+  using Pack = std::array<Vec, kParts>;
+
+  // n <= kStep values from p; lanes past n are zero.
+  static Pack load(const scalar_t* p, int64_t n = kStep) {
+    if constexpr (kReduced) {
+      auto [lo, hi] = at::vec::convert_to_float<scalar_t>(Vectorized<scalar_t>::loadu(p, n));
+      return {lo, hi};
+    } else {
+      return {Vec::loadu(p, n)};
+    }
+  }
+
+  // The first n <= kStep lanes of v to p (rounded to scalar_t).
+  static void store(scalar_t* p, const Pack& v, int64_t n = kStep) {
+    if constexpr (kReduced) {
+      at::vec::convert_from_float<scalar_t>(v[0], v[1]).store(p, n);
+    } else {
+      v[0].store(p, n);
+    }
+  }
+
+  // n <= kStep values of a per-channel acc_t vector, shaped like load(); lanes past n are zero.
+  static Pack load_acc(const acc_t* p, int64_t n = kStep) {
+    Pack v;
+    for (int64_t k = 0; k < kParts; ++k) {
+      const int64_t m = std::clamp<int64_t>(n - k * Vec::size(), 0, Vec::size());
+      v[k] = Vec::loadu(p + k * Vec::size(), m);
+    }
+    return v;
+  }
+
+  static void store_acc(acc_t* p, const Pack& v, int64_t n = kStep) {
+    for (int64_t k = 0; k < kParts; ++k) {
+      const int64_t m = std::clamp<int64_t>(n - k * Vec::size(), 0, Vec::size());
+      if (m > 0) v[k].store(p + k * Vec::size(), m);
+    }
+  }
+};
+
+// NHWC reductions (rows of C contiguous values) split the M = N*H*W rows into blocks whose bounds
+// depend on the shape only, never on the thread count, so that results are bitwise reproducible.
+// Each block is reduced by one thread into its own per-channel partials; the partials are merged in
+// block order afterwards. Within a block, rows are taken in chunks of `chunk_rows` rows, small
+// enough (<= kChunkRows per channel lane, <= kChunkElems values) that float lane sums stay exact
+// to a few ulps and a second pass over the chunk hits cache.
+struct RowBlocks {
+  static constexpr int64_t kMaxBlocks = 64;
+  static constexpr int64_t kChunkElems = 16384;
+  static constexpr int64_t kChunkRows = 256;
+
+  int64_t rows;
+  int64_t count;
+  int64_t chunk_rows;
+
+  RowBlocks(int64_t rows_, int64_t channels)
+      : rows(rows_),
+        count(std::clamp<int64_t>((rows_ * channels + kGrainElems - 1) / kGrainElems, 1,
+                                  std::min<int64_t>(kMaxBlocks, std::max<int64_t>(rows_, 1)))),
+        chunk_rows(std::clamp<int64_t>(kChunkElems / std::max<int64_t>(channels, 1), 1,
+                                       kChunkRows)) {}
+
+  int64_t begin(int64_t block) const { return rows * block / count; }
+  int64_t end(int64_t block) const { return rows * (block + 1) / count; }
+};
+
+}  // namespace resfuse::cpu

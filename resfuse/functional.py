@@ -1,0 +1,319 @@
+"""Fused units as functions of existing ``nn.Conv2d`` / ``nn.BatchNorm2d`` modules.
+
+The modules of ``resfuse.nn`` are thin shells around these functions; they take the *modules* (not
+bare tensors) so that BatchNorm's running statistics, ``momentum``, ``num_batches_tracked``,
+``track_running_stats`` and ``affine`` behave exactly like ``nn.BatchNorm2d``, and so that folded
+inference weights can be cached per module.
+
+Shapes: ``x`` is ``[N, C_in, H, W]`` (NCHW or channels_last, float32/float64/bfloat16/float16); the
+output has the conv's output shape and ``x``'s memory format. Under ``torch.autocast`` activations and
+conv weights run in the autocast dtype while BN parameters and statistics stay float32.
+
+Three paths, chosen per call:
+
+* **reference** (backend ``reference``, or a case the fused path does not cover — e.g. a conv with a
+  bias or string padding): the modules themselves, i.e. plain PyTorch.
+* **inference** (every BN uses running statistics and no gradient is needed): BN folded into the conv
+  weight and a bias, then ``backend.conv_bias_act`` — conv + bias + residual + ReLU in one call.
+* **training** (anything else): ``ConvBNChainFunction`` (``resfuse/ops/chain.py``), one autograd node.
+"""
+from __future__ import annotations
+
+import weakref
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+from . import backends
+from .ops.chain import ChainSpec, ConvBNChainFunction, LayerSpec
+
+Shortcut = Union[None, torch.Tensor, Tuple[torch.Tensor, nn.Conv2d, nn.BatchNorm2d]]
+
+def conv_bn_act(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, residual: Shortcut = None,
+                relu: bool = True) -> torch.Tensor:
+    """``act(bn(conv(x)) + residual)``; ``residual`` is None, a tensor of the output's shape, or a
+    projection ``(x_s, conv_s, bn_s)`` meaning ``bn_s(conv_s(x_s))``."""
+    return conv_bn_chain(x, ((conv, bn),), residual, relu)
+
+
+def conv_bn_chain(x: torch.Tensor, layers: Sequence[Tuple[nn.Conv2d, nn.BatchNorm2d]],
+                  shortcut: Shortcut = None, relu: bool = True,
+                  weights: Optional[Sequence[torch.Tensor]] = None) -> torch.Tensor:
+    """``act(bn_k(conv_k(relu(bn_{k-1}(...relu(bn_0(conv_0(x))))))) + shortcut)``.
+
+    ``layers``: ``(conv, bn)`` pairs (k ≥ 1); ReLU after every BN but the last; the shortcut (see
+    :func:`conv_bn_act`) is added after the last BN and before the final activation (``relu``).
+    ``weights``: optional per-layer tensors used instead of ``conv.weight`` (same shape; e.g. the RiR
+    layer's ``W_cat + I_partial``); gradients flow to them.
+    Returns ``[N, C_out, H_out, W_out]`` in ``x``'s memory format.
+    """
+    _check(x, layers, shortcut)
+    if weights is not None:
+        weights = tuple(weights)
+        for i, ((conv, _), w) in enumerate(zip(layers, weights)):
+            if w.shape != conv.weight.shape:
+                raise ValueError(f"resfuse: weights[{i}] has shape {tuple(w.shape)}, layers[{i}].conv expects "
+                                 f"{tuple(conv.weight.shape)}")
+        if len(weights) != len(layers):
+            raise ValueError(f"resfuse: {len(weights)} weights for {len(layers)} layers")
+    why = _unfusable(layers, shortcut)
+    be = backends.select("conv_bn_chain", x) if why is None else backends.instance("reference")[0]
+    if be.name == "reference":
+        return _plain(x, layers, shortcut, relu, weights)
+
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        dt = torch.get_autocast_dtype(dev)
+        with torch.autocast(dev, enabled=False):
+            return _dispatch(be, x.to(dt), layers, shortcut, relu, dt, weights)
+    return _dispatch(be, x, layers, shortcut, relu, None, weights)
+
+
+def _dispatch(be, x, layers, shortcut, relu, cast, weights=None):
+    override = {id(conv): w for (conv, _), w in zip(layers, weights)} if weights is not None else {}
+
+    def w_of(conv):
+        w = override.get(id(conv), conv.weight)
+        return w if cast is None else w.to(cast)
+
+    proj = isinstance(shortcut, tuple)
+    all_bns = [bn for _, bn in layers] + ([shortcut[2]] if proj else [])
+    if isinstance(shortcut, torch.Tensor) and shortcut.dtype != x.dtype:
+        shortcut = shortcut.to(x.dtype)
+    if proj and cast is not None:
+        shortcut = (shortcut[0].to(cast), shortcut[1], shortcut[2])
+
+    batch_stats = [_uses_batch_stats(bn) for bn in all_bns]
+    if not any(batch_stats) and not _needs_grad(x, layers, shortcut, weights):
+        return _inference(be, x, layers, shortcut, relu, cast, override)
+
+    specs = tuple(_layer_spec(conv, bn) for conv, bn in layers)
+    flat = []
+    for (conv, bn) in layers:
+        flat += [w_of(conv), bn.weight, bn.bias, *_running(bn)]
+    if proj:
+        xs, conv_s, bn_s = shortcut
+        flat += [xs, w_of(conv_s), bn_s.weight, bn_s.bias, *_running(bn_s)]
+        kind, spec_s = "projection", _layer_spec(conv_s, bn_s)
+    elif shortcut is not None:
+        flat.append(shortcut)
+        kind, spec_s = "tensor", None
+    else:
+        kind, spec_s = "none", None
+    sync, group = _sync_of(all_bns)
+    spec = ChainSpec(specs, kind, spec_s, bool(relu), sync, group)
+    out, *stats = ConvBNChainFunction.apply(spec, be.name, x, *flat)
+    with torch.no_grad():
+        for j, bn in enumerate(all_bns):
+            if batch_stats[j]:
+                _update_running(bn, stats[2 * j], stats[2 * j + 1])
+    return out
+
+
+def _out_hw(h, w, conv):
+    k, s, p, d = conv.kernel_size, conv.stride, conv.padding, conv.dilation
+    return ((h + 2 * p[0] - d[0] * (k[0] - 1) - 1) // s[0] + 1,
+            (w + 2 * p[1] - d[1] * (k[1] - 1) - 1) // s[1] + 1)
+
+
+# -- inference: BN folded into the conv --------------------------------------------------------------
+_FOLD_CACHE: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: Optional[torch.dtype] = None,
+            weight: Optional[torch.Tensor] = None):
+    """``(w', b')`` with ``conv(x, w') + b' == bn(conv(x))`` for ``bn`` in eval mode.
+
+    ``w'`` has the conv weight's dtype (or ``dtype``), ``b'`` is float32 (float64 for float64 weights).
+    Cached per conv module and invalidated when any of the tensors involved changes (their version
+    counters, identities, dtype or device) — so an optimizer step, ``load_state_dict``, ``.to()`` or
+    a manual in-place edit is seen by the next call. ``weight`` replaces ``conv.weight``.
+    """
+    w = conv.weight if weight is None else weight
+    dtype = dtype or w.dtype
+    tensors = (w, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+    # an override weight is a fresh tensor per call (its id may be reused after it is freed): no caching
+    cache = weight is None and not torch.compiler.is_compiling()
+    key = None
+    if cache:
+        key = (dtype, bn.eps) + tuple((id(t), t._version, t.device, t.dtype) if t is not None else None
+                                      for t in tensors)
+        hit = _FOLD_CACHE.get(conv)
+        if hit is not None and hit[0] == key:
+            return hit[1], hit[2]
+    with torch.no_grad():
+        sd = torch.float64 if w.dtype == torch.float64 else torch.float32
+        scale = torch.rsqrt(bn.running_var.to(sd) + bn.eps)
+        if bn.weight is not None:
+            scale = scale * bn.weight.to(sd)
+        bias = -bn.running_mean.to(sd) * scale
+        if bn.bias is not None:
+            bias = bias + bn.bias.to(sd)
+        wf = (w.to(sd) * scale.view(-1, 1, 1, 1)).to(dtype)
+        if w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous():
+            wf = wf.contiguous(memory_format=torch.channels_last)
+    if cache:
+        _FOLD_CACHE[conv] = (key, wf, bias)
+    return wf, bias
+
+
+def _inference(be, x, layers, shortcut, relu, cast, override):
+    res = shortcut
+    if isinstance(shortcut, tuple):
+        xs, conv_s, bn_s = shortcut
+        ws, bs = fold_bn(conv_s, bn_s, cast)
+        res = be.conv_bias_act(xs, ws, bs, backends.ConvGeom.of(conv_s), None, False)
+    h = x
+    last = len(layers) - 1
+    for i, (conv, bn) in enumerate(layers):
+        wf, bf = fold_bn(conv, bn, cast, override.get(id(conv)))
+        h = be.conv_bias_act(h, wf, bf, backends.ConvGeom.of(conv),
+                             res if i == last else None, relu if i == last else True)
+    return h
+
+
+# -- helpers -------------------------------------------------------------------------------------------
+def _uses_batch_stats(bn: nn.BatchNorm2d) -> bool:
+    return bn.training or bn.running_mean is None
+
+
+def _running(bn):
+    if _uses_batch_stats(bn):
+        return [None, None]
+    return [bn.running_mean, bn.running_var]
+
+
+def _layer_spec(conv, bn) -> LayerSpec:
+    return LayerSpec(backends.ConvGeom.of(conv), float(bn.eps), _uses_batch_stats(bn), bn.weight is not None)
+
+
+def _needs_grad(x, layers, shortcut, weights=None) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    ts = [x, *(weights or ())]
+    for conv, bn in layers:
+        ts += [conv.weight, bn.weight, bn.bias]
+    if isinstance(shortcut, tuple):
+        ts += [shortcut[0], shortcut[1].weight, shortcut[2].weight, shortcut[2].bias]
+    elif shortcut is not None:
+        ts.append(shortcut)
+    return any(t is not None and t.requires_grad for t in ts)
+
+
+def _sync_of(bns):
+    syncs = [isinstance(bn, nn.SyncBatchNorm) for bn in bns]
+    if not any(syncs):
+        return False, None
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()):
+        return False, None  # like nn.SyncBatchNorm outside a process group: plain BN
+    groups = {id(bn.process_group) for bn in bns if isinstance(bn, nn.SyncBatchNorm)}
+    if not all(syncs) or len(groups) != 1:
+        raise ValueError("resfuse: a fused chain must use SyncBatchNorm with one process group in every "
+                         "layer or in none")
+    return True, bns[0].process_group
+
+
+def _update_running(bn: nn.BatchNorm2d, mean: torch.Tensor, unbiased: torch.Tensor) -> None:
+    """Running-statistics update exactly as ``nn.BatchNorm2d`` does it (``unbiased`` batch variance,
+    ``momentum=None`` → cumulative average, ``num_batches_tracked``)."""
+    if not (bn.training and bn.track_running_stats):
+        return
+    bn.num_batches_tracked.add_(1)
+    rm, rv = bn.running_mean, bn.running_var
+    if bn.momentum is None:
+        factor = 1.0 / bn.num_batches_tracked.to(torch.float64)
+        rm.add_(((mean.to(torch.float64) - rm) * factor).to(rm.dtype))
+        rv.add_(((unbiased.to(torch.float64) - rv) * factor).to(rv.dtype))
+    else:
+        m = bn.momentum
+        rm.mul_(1 - m).add_(mean.to(rm.dtype), alpha=m)
+        rv.mul_(1 - m).add_(unbiased.to(rv.dtype), alpha=m)
+
+
+def _unfusable(layers, shortcut) -> Optional[str]:
+    convs = [c for c, _ in layers] + ([shortcut[1]] if isinstance(shortcut, tuple) else [])
+    bns = [b for _, b in layers] + ([shortcut[2]] if isinstance(shortcut, tuple) else [])
+    for c in convs:
+        if c.bias is not None:
+            return "conv has a bias"
+        if isinstance(c.padding, str) or c.padding_mode != "zeros":
+            return "conv padding is not explicit zero padding"
+    for b in bns:
+        if b.training and b.track_running_stats and b.momentum is not None and not isinstance(b.momentum, float):
+            return "BN momentum is not a float"
+    return None
+
+
+def _plain(x, layers, shortcut, relu, weights=None):
+    h = x
+    last = len(layers) - 1
+    for i, (conv, bn) in enumerate(layers):
+        h = bn(conv(h) if weights is None else conv._conv_forward(h, weights[i], None))
+        if i < last:
+            h = torch.relu(h)
+    if isinstance(shortcut, tuple):
+        xs, conv_s, bn_s = shortcut
+        h = h + bn_s(conv_s(xs))
+    elif shortcut is not None:
+        h = h + shortcut
+    return torch.relu(h) if relu else h
+
+
+def _check(x, layers, shortcut) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"resfuse: x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"resfuse: x must be a 4-D [N, C, H, W] tensor, got {x.dim()}-D shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"resfuse: x must be a floating-point tensor, got {x.dtype}")
+    if len(layers) == 0:
+        raise ValueError("resfuse: layers must hold at least one (conv, bn) pair")
+    h, w = x.shape[2], x.shape[3]
+    c = x.shape[1]
+    for i, (conv, bn) in enumerate(layers):
+        _check_pair(conv, bn, c, f"layers[{i}]", x)
+        h2, w2 = _out_hw(h, w, conv) if not isinstance(conv.padding, str) else (h, w)
+        if h2 <= 0 or w2 <= 0:
+            raise ValueError(f"resfuse: layers[{i}].conv kernel {tuple(conv.kernel_size)} (dilation "
+                             f"{tuple(conv.dilation)}) is larger than its padded input {h}x{w}")
+        h, w, c = h2, w2, conv.out_channels
+    out_shape = (x.shape[0], c, h, w)
+    if isinstance(shortcut, tuple):
+        if len(shortcut) != 3:
+            raise ValueError("resfuse: a projection shortcut is (x_s, conv_s, bn_s)")
+        xs, conv_s, bn_s = shortcut
+        if xs.dim() != 4:
+            raise ValueError(f"resfuse: shortcut input must be 4-D, got shape {tuple(xs.shape)}")
+        _check_pair(conv_s, bn_s, xs.shape[1], "shortcut", xs)
+        hs, ws = _out_hw(xs.shape[2], xs.shape[3], conv_s)
+        if (xs.shape[0], conv_s.out_channels, hs, ws) != out_shape:
+            raise ValueError(f"resfuse: shortcut output shape {(xs.shape[0], conv_s.out_channels, hs, ws)} "
+                             f"differs from the main branch's {out_shape}")
+    elif shortcut is not None:
+        if not isinstance(shortcut, torch.Tensor):
+            raise TypeError(f"resfuse: residual must be a Tensor or (x_s, conv_s, bn_s), got {type(shortcut).__name__}")
+        if tuple(shortcut.shape) != out_shape:
+            raise ValueError(f"resfuse: residual must have the output's shape {list(out_shape)}, "
+                             f"got {list(shortcut.shape)}")
+        if shortcut.device != x.device:
+            raise ValueError(f"resfuse: residual is on {shortcut.device} but x is on {x.device}")
+
+
+def _check_pair(conv, bn, in_channels, where, x):
+    if not isinstance(conv, nn.Conv2d):
+        raise TypeError(f"resfuse: {where}.conv must be nn.Conv2d, got {type(conv).__name__}")
+    if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
+        raise TypeError(f"resfuse: {where}.bn must be a BatchNorm2d, got {type(bn).__name__}")
+    if in_channels != conv.in_channels:
+        raise ValueError(f"resfuse: {where}.conv expects {conv.in_channels} input channels, got {in_channels} "
+                         f"(input shape {tuple(x.shape)})")
+    if bn.num_features != conv.out_channels:
+        raise ValueError(f"resfuse: {where}.bn has {bn.num_features} features but the conv gives "
+                         f"{conv.out_channels} channels")
+    if conv.weight.device != x.device:
+        raise ValueError(f"resfuse: {where}.conv weight is on {conv.weight.device} but the input is on {x.device}")
+    if conv.weight.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+        raise TypeError(f"resfuse: {where}.conv weight is {conv.weight.dtype} but the input is {x.dtype} "
+                        "(use the same dtype, or torch.autocast)")

@@ -1,0 +1,80 @@
+"""Fused ResNet blocks, drop-in for torchvision's (same constructor, attributes and state_dict keys).
+
+Each class subclasses its ``resfuse.reference`` twin and only replaces ``forward``: a BasicBlock is one
+fused chain of two conv-BN layers plus the shortcut; a Bottleneck a chain of three. A ``downsample``
+that is ``Sequential(Conv2d, BatchNorm2d)`` becomes a fused projection shortcut (its BN-apply runs in
+the same pass as the main branch's BN-apply, add and ReLU); any other ``downsample`` (e.g. the CIFAR
+option-A ``ZeroPadShortcut``) is called as is and its output added.
+"""
+from __future__ import annotations
+
+from typing import Union
+
+import torch
+from torch import nn
+
+from .. import functional as RF
+from ..reference import preact as ref_preact
+from ..reference import resnet as ref_resnet
+
+Shortcut = Union[None, torch.Tensor, tuple]
+
+
+def shortcut_of(downsample, x: torch.Tensor) -> Shortcut:
+    """The fused-chain shortcut for a block's ``downsample`` applied to ``x``."""
+    if downsample is None:
+        return x
+    if (isinstance(downsample, nn.Sequential) and len(downsample) == 2
+            and type(downsample[0]) is nn.Conv2d and isinstance(downsample[1], nn.BatchNorm2d)):
+        return (x, downsample[0], downsample[1])
+    return downsample(x)
+
+
+class _FromModule:
+    @classmethod
+    def from_module(cls, block: nn.Module):
+        """A fused block sharing ``block``'s submodules, parameters and buffers (nothing copied)."""
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        for name, child in block.named_children():
+            setattr(self, name, child)
+        for name in ("stride", "training"):
+            setattr(self, name, getattr(block, name))
+        return self
+
+
+class BasicBlock(_FromModule, ref_resnet.BasicBlock):
+    """Fused ``relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))``; see ``resfuse.reference.BasicBlock``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return RF.conv_bn_chain(x, ((self.conv1, self.bn1), (self.conv2, self.bn2)),
+                                shortcut_of(self.downsample, x), relu=True)
+
+
+class Bottleneck(_FromModule, ref_resnet.Bottleneck):
+    """Fused 1×1 → 3×3 → 1×1 bottleneck (v1.5: stride on the 3×3); see ``resfuse.reference.Bottleneck``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return RF.conv_bn_chain(x, ((self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3)),
+                                shortcut_of(self.downsample, x), relu=True)
+
+
+class PreActBasicBlock(_FromModule, ref_preact.PreActBasicBlock):
+    """Pre-activation basic block: ``conv1 → bn2 → relu`` runs as one fused unit; the leading
+    ``relu(bn1(x))`` and the final ``conv2 + shortcut`` are plain PyTorch."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(x))
+        shortcut = x if self.downsample is None else self.downsample(out)
+        out = RF.conv_bn_act(out, self.conv1, self.bn2)
+        return self.conv2(out) + shortcut
+
+
+class PreActBottleneck(_FromModule, ref_preact.PreActBottleneck):
+    """Pre-activation bottleneck: ``conv1 → bn2 → relu → conv2 → bn3 → relu`` runs as one fused chain."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(x))
+        shortcut = x if self.downsample is None else self.downsample(out)
+        out = RF.conv_bn_chain(out, ((self.conv1, self.bn2), (self.conv2, self.bn3)), None, relu=True)
+        return self.conv3(out) + shortcut

@@ -1,0 +1,246 @@
+"""The fused unit of resfuse: a chain of conv → BatchNorm layers with ReLU between them, a shortcut
+added after the last BN, and an optional final ReLU — as one autograd node.
+
+    y_0 = conv_0(x)                      a_0 = relu(bn_0(y_0))
+    y_i = conv_i(a_{i-1})                a_i = relu(bn_i(y_i))          0 < i < k
+    y_k = conv_k(a_{k-1})                out = act(bn_k(y_k) + shortcut)
+    shortcut = 0 | r (a tensor of out's shape) | bn_s(conv_s(x_s))   (projection)
+
+ConvBNAct is a chain of 1, BasicBlock of 2, Bottleneck of 3. The node saves ``x``, every conv output
+``y_i``, ``out`` and per-channel statistics, and *recomputes* ``a_i`` in backward (one cheap
+elementwise pass) instead of keeping it: eager PyTorch keeps ``y_i`` (for BN) and ``a_i`` (for the
+next conv) — so the chain holds one activation less per inner layer.
+
+Each BN layer runs either with batch statistics (training, or ``track_running_stats=False``) or with
+its running statistics (eval; still differentiable, e.g. for frozen-BN fine-tuning). The backward of a
+layer is the fused pair of primitives ``bn_act_backward_reduce`` / ``bn_act_backward_apply`` with the
+per-channel coefficients of ``docs/architecture.md``; synchronised BN all-reduces the partial
+statistics (forward) and the two gradient sums (backward) through ``resfuse.distributed``.
+
+Everything here works on whatever dtype the caller gives (autocast casting is done by
+``resfuse.functional``); per-channel math is float32 (float64 for float64 activations).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+
+from ..backends import ConvGeom, instance
+
+
+class LayerSpec(NamedTuple):
+    geom: ConvGeom
+    eps: float
+    batch_stats: bool  # normalise with batch statistics (else with the running statistics)
+    affine: bool
+
+
+class ChainSpec(NamedTuple):
+    layers: Tuple[LayerSpec, ...]
+    shortcut: str  # "none" | "tensor" | "projection"
+    shortcut_layer: Optional[LayerSpec]
+    relu: bool  # final activation
+    sync: bool  # synchronised BN over ``group``
+    group: object = None  # torch.distributed process group (None = WORLD) when sync
+
+
+# tensors per BN layer in the flat argument list: conv weight, gamma, beta, running_mean, running_var
+_PER_LAYER = 5
+
+
+def _stat_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _count(y: torch.Tensor) -> int:
+    return y.shape[0] * y.shape[2] * y.shape[3]
+
+
+def _normaliser(y, mean, var, gamma, beta, rm, rv, L: LayerSpec, spec: ChainSpec, be):
+    """Per-channel ``(mean, invstd, scale, shift, count)`` of one layer, in the statistics dtype."""
+    sd = _stat_dtype(y)
+    count = _count(y)
+    if L.batch_stats and count == 1 and not spec.sync:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {list(y.shape)}")
+    if L.batch_stats:
+        if spec.sync:
+            from .. import distributed
+            mean, var, count = distributed.sync_batch_stats(mean, var, count, spec.group)
+        mean, var = mean.to(sd), var.to(sd)
+    else:
+        mean, var = rm.to(sd), rv.to(sd)
+    invstd = torch.rsqrt(var + L.eps)
+    scale = invstd * gamma.to(sd) if L.affine else invstd
+    shift = -mean * scale
+    if L.affine:
+        shift = shift + beta.to(sd)
+    return mean, invstd, scale, shift, count, var
+
+
+def _coefficients(sum_dz, sum_dz_xmu, mean, invstd, gamma, count, L: LayerSpec, spec: ChainSpec):
+    """``(a, b, d, grad_gamma, grad_beta)`` of one layer from its reduced gradient sums."""
+    if L.batch_stats and spec.sync:
+        from .. import distributed
+        sum_dz, sum_dz_xmu = distributed.sync_grad_sums(sum_dz, sum_dz_xmu, spec.group)
+    g = gamma.to(invstd.dtype) if L.affine else torch.ones_like(invstd)
+    a = g * invstd
+    grad_gamma = (sum_dz_xmu * invstd) if L.affine else None
+    grad_beta = sum_dz if L.affine else None
+    if not L.batch_stats:
+        zero = torch.zeros_like(a)
+        return a, zero, zero, grad_gamma, grad_beta
+    b = -a * invstd * invstd * sum_dz_xmu / count
+    d = -a * sum_dz / count - b * mean
+    return a, b, d, grad_gamma, grad_beta
+
+
+class ConvBNChainFunction(torch.autograd.Function):
+    """``apply(spec, backend_name, x, *flat)`` → ``(out, mean_0, var_0, ..., [mean_s, var_s])``.
+
+    ``flat`` holds, per layer, ``(conv_weight, gamma, beta, running_mean, running_var)`` (gamma/beta
+    None without affine, running stats None with batch statistics), then for ``shortcut="tensor"`` the
+    residual, for ``"projection"`` ``(x_s, conv_weight_s, gamma_s, beta_s, running_mean_s,
+    running_var_s)``. Returned means/vars are the (synchronised) biased batch statistics of the layers
+    that use batch statistics (empty tensors for the others) — the caller updates running stats.
+    """
+
+    @staticmethod
+    def forward(ctx, spec: ChainSpec, backend_name: str, x, *flat):
+        be = instance(backend_name)[0]
+        k = len(spec.layers)
+        inp, prologue = x, None
+        ys, norms, stats_out = [], [], []
+        for i, L in enumerate(spec.layers):
+            w, gamma, beta, rm, rv = flat[_PER_LAYER * i:_PER_LAYER * (i + 1)]
+            y, mean, var = be.conv_stats(inp, w, L.geom, prologue, stats=L.batch_stats)
+            mean, invstd, scale, shift, count, var = _normaliser(y, mean, var, gamma, beta, rm, rv, L, spec, be)
+            ys.append(y)
+            norms.append((mean, invstd, scale, shift, count))
+            stats_out += _stats_out(L, mean, var, count, y)
+            if i < k - 1:
+                inp, prologue = None, (y, scale, shift, True)
+
+        rest = flat[_PER_LAYER * k:]
+        residual = res_scale = None
+        scale, shift = norms[-1][2], norms[-1][3]
+        ys_s = norm_s = None
+        if spec.shortcut == "tensor":
+            residual = rest[0]
+        elif spec.shortcut == "projection":
+            xs, ws, gs, bs, rms, rvs = rest
+            Ls = spec.shortcut_layer
+            ys_s, mean_s, var_s = be.conv_stats(xs, ws, Ls.geom, None, stats=Ls.batch_stats)
+            norm_s = _normaliser(ys_s, mean_s, var_s, gs, bs, rms, rvs, Ls, spec, be)
+            residual, res_scale = ys_s, norm_s[2]
+            shift = shift + norm_s[3]
+            stats_out += _stats_out(Ls, norm_s[0], norm_s[5], norm_s[4], xs)
+        out = be.bn_act(ys[-1], scale, shift, residual, res_scale, spec.relu)
+
+        ctx.spec, ctx.backend_name = spec, backend_name
+        ctx.counts = [n[4] for n in norms]
+        weights = [flat[_PER_LAYER * i] for i in range(k)]
+        gammas = [flat[_PER_LAYER * i + 1] for i in range(k)]
+        saved = [x, out, *ys, *weights, *gammas]
+        for n in norms:
+            saved += n[:4]  # mean, invstd, scale, shift
+        if spec.shortcut == "projection":
+            saved += [rest[0], rest[1], rest[2], ys_s, norm_s[0], norm_s[1]]
+            ctx.counts.append(norm_s[4])
+        ctx.save_for_backward(*saved)
+        ctx.mark_non_differentiable(*stats_out)
+        return (out, *stats_out)
+
+    @staticmethod
+    def backward(ctx, grad_out, *_unused_stat_grads):
+        spec = ctx.spec
+        be = instance(ctx.backend_name)[0]
+        k = len(spec.layers)
+        saved = list(ctx.saved_tensors)
+        x, out = saved[0], saved[1]
+        ys = saved[2:2 + k]
+        weights = saved[2 + k:2 + 2 * k]
+        gammas = saved[2 + 2 * k:2 + 3 * k]
+        pos = 2 + 3 * k
+        norms = []
+        for i in range(k):
+            norms.append((*saved[pos:pos + 4], ctx.counts[i]))
+            pos += 4
+        n_flat = len(ctx.needs_input_grad) - 3
+        grads = [None] * n_flat
+        grad_out = grad_out.contiguous(memory_format=_memory_format(out))
+
+        # -- last layer + shortcut: one reduce, one apply -----------------------------------------
+        mean, invstd, scale, shift, count = norms[-1]
+        Ls = spec.shortcut_layer
+        proj = spec.shortcut == "projection"
+        if proj:
+            xs, ws, gamma_s, ys_s, mean_s, invstd_s = saved[pos:pos + 6]
+            count_s = ctx.counts[k]
+        sum_dz, sum_dz_xmu, sum_dz_rmu = be.bn_act_backward_reduce(
+            grad_out, out, ys[-1], mean, ys_s if proj else None, mean_s if proj else None, spec.relu)
+        a, b, d, gg, gb = _coefficients(sum_dz, sum_dz_xmu, mean, invstd, gammas[-1], count,
+                                        spec.layers[-1], spec)
+        _put_affine(grads, k - 1, gg, gb, None if gammas[-1] is None else gammas[-1].dtype)
+        res_idx = _PER_LAYER * k
+        if proj:
+            ra, rb, rd, gg_s, gb_s = _coefficients(sum_dz, sum_dz_rmu, mean_s, invstd_s, gamma_s, count_s,
+                                                   Ls, spec)
+            need_res = any(ctx.needs_input_grad[3 + res_idx:3 + res_idx + 2])
+            gy, g_res = be.bn_act_backward_apply(grad_out, out, ys[-1], a, b, d, ys_s, ra, rb, rd,
+                                                 spec.relu, need_res)
+            if gg_s is not None:
+                grads[res_idx + 2] = gg_s.to(gamma_s.dtype)
+                grads[res_idx + 3] = gb_s.to(gamma_s.dtype)
+            if need_res:
+                gxs, gws = be.conv_backward(g_res, xs, ws, Ls.geom, ctx.needs_input_grad[3 + res_idx],
+                                            ctx.needs_input_grad[3 + res_idx + 1])
+                grads[res_idx], grads[res_idx + 1] = gxs, gws
+        else:
+            need_res = spec.shortcut == "tensor" and ctx.needs_input_grad[3 + res_idx]
+            gy, g_res = be.bn_act_backward_apply(grad_out, out, ys[-1], a, b, d, None, None, None, None,
+                                                 spec.relu, need_res)
+            if need_res:
+                grads[res_idx] = g_res
+
+        # -- conv_i backward, then the fused dReLU + dBN of layer i-1 -------------------------------
+        grad_x = None
+        for i in range(k - 1, -1, -1):
+            L = spec.layers[i]
+            need_w = ctx.needs_input_grad[3 + _PER_LAYER * i]
+            if i > 0:
+                pm, pinv, pscale, pshift, pcount = norms[i - 1]
+                inp = be.prologue_input((ys[i - 1], pscale, pshift, True))
+                g_inp, gw = be.conv_backward(gy, inp, weights[i], L.geom, True, need_w)
+                s1, s2, _ = be.bn_act_backward_reduce(g_inp, inp, ys[i - 1], pm, None, None, True)
+                a, b, d, gg, gb = _coefficients(s1, s2, pm, pinv, gammas[i - 1], pcount,
+                                                spec.layers[i - 1], spec)
+                _put_affine(grads, i - 1, gg, gb, None if gammas[i - 1] is None else gammas[i - 1].dtype)
+                gy_prev, _ = be.bn_act_backward_apply(g_inp, inp, ys[i - 1], a, b, d, None, None, None, None,
+                                                      True, False)
+                del inp
+            else:
+                g_inp, gw = be.conv_backward(gy, x, weights[0], L.geom, ctx.needs_input_grad[2], need_w)
+                grad_x, gy_prev = g_inp, None
+            grads[_PER_LAYER * i] = gw
+            gy = gy_prev
+        return (None, None, grad_x, *grads)
+
+
+def _stats_out(L: LayerSpec, mean, var, count, like):
+    """``[mean, unbiased var]`` for the running-stat update (empty tensors for running-stat layers)."""
+    if not L.batch_stats:
+        return [like.new_empty(0), like.new_empty(0)]
+    return [mean, var * (count / max(count - 1, 1))]
+
+
+def _put_affine(grads, layer, grad_gamma, grad_beta, dtype):
+    if grad_gamma is not None:
+        grads[_PER_LAYER * layer + 1] = grad_gamma.to(dtype)
+        grads[_PER_LAYER * layer + 2] = grad_beta.to(dtype)
+
+
+def _memory_format(t: torch.Tensor):
+    return torch.channels_last if (t.dim() == 4 and not t.is_contiguous()
+                                   and t.is_contiguous(memory_format=torch.channels_last)) \
+        else torch.contiguous_format

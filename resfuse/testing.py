@@ -1,0 +1,107 @@
+"""Test helpers shared by resfuse's tests and its users' tests.
+
+Every kernel is judged against a float64 run of the pure-PyTorch reference:
+
+* ``tolerance(dtype)`` gives the relative tolerance of a single op in that dtype
+  (fp32 1e-5, tf32 3e-4, bf16/fp16 1e-2, float64 1e-10);
+* ``assert_close_ref(actual, expected, dtype=...)`` compares with a norm-relative error
+  ``max|a - e| / max(max|e|, tiny)`` (elementwise relative error is meaningless next to zeros),
+  and prints the worst index on failure;
+* ``assert_error_ratio(actual, candidate_ref, truth64, k)`` is the model-level rule: our error against
+  float64 must be at most ``k`` times plain PyTorch's own error in the same dtype;
+* ``rand_activation`` makes fresh random inputs (never zeros) in NCHW or channels_last;
+* ``poisoned`` returns a NaN-filled tensor so that a kernel that forgets to write an element is caught.
+"""
+from __future__ import annotations
+
+import torch
+
+_TOL = {
+    torch.float64: 1e-10,
+    torch.float32: 1e-5,
+    torch.bfloat16: 1e-2,
+    torch.float16: 1e-2,
+}
+TF32_TOL = 3e-4
+
+
+def tolerance(dtype: torch.dtype, tf32: bool = False) -> float:
+    """Relative tolerance of one fused op in ``dtype`` (``tf32=True`` for TF32 convolutions)."""
+    if dtype == torch.float32 and tf32:
+        return TF32_TOL
+    try:
+        return _TOL[dtype]
+    except KeyError:
+        raise ValueError(f"no tolerance for dtype {dtype}") from None
+
+
+def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """``max|a - e| / max|e|`` computed in float64; NaN if either side has a NaN where the other has not."""
+    a = actual.detach().to(torch.float64)
+    e = expected.detach().to(torch.float64)
+    if a.shape != e.shape:
+        raise AssertionError(f"shape mismatch: {tuple(a.shape)} vs expected {tuple(e.shape)}")
+    if a.numel() == 0:
+        return 0.0
+    if not torch.equal(torch.isnan(a), torch.isnan(e)):
+        return float("nan")
+    a, e = torch.nan_to_num(a), torch.nan_to_num(e)
+    denom = max(e.abs().max().item(), 1e-30)
+    return (a - e).abs().max().item() / denom
+
+
+def assert_close_ref(actual, expected, dtype=None, *, rtol=None, name="output", tf32=False):
+    """Assert ``actual`` matches the float64 ``expected`` within the tolerance of ``dtype``."""
+    dtype = dtype or actual.dtype
+    rtol = tolerance(dtype, tf32) if rtol is None else rtol
+    err = rel_error(actual, expected)
+    if not err <= rtol:  # also catches NaN
+        a = actual.detach().to(torch.float64)
+        e = expected.detach().to(torch.float64)
+        diff = torch.nan_to_num((a - e).abs(), nan=float("inf"))
+        idx = tuple(int(i) for i in torch.unravel_index(diff.argmax(), diff.shape))
+        raise AssertionError(
+            f"{name}: relative error {err:.3e} > {rtol:.1e} ({dtype}); worst at {idx}: "
+            f"got {a[idx].item():.6g}, expected {e[idx].item():.6g}")
+    return err
+
+
+def assert_error_ratio(actual, plain, truth, k: float = 2.0, *, name="output", floor=None):
+    """Model-level rule: ``err(actual) <= k * err(plain) + floor`` where err is relative to ``truth``.
+
+    ``plain`` is plain PyTorch's result in the same dtype as ``actual``; ``truth`` is float64.
+    ``floor`` (default: the single-op tolerance of actual's dtype / 10) keeps the rule meaningful when
+    plain PyTorch happens to be almost exact.
+    """
+    ours, theirs = rel_error(actual, truth), rel_error(plain, truth)
+    floor = tolerance(actual.dtype) / 10 if floor is None else floor
+    if not ours <= k * theirs + floor:
+        raise AssertionError(f"{name}: error {ours:.3e} > {k} x plain PyTorch's {theirs:.3e} + {floor:.1e}")
+    return ours, theirs
+
+
+def rand_activation(shape, dtype=torch.float32, channels_last=False, device="cpu", generator=None,
+                    scale=1.0, offset=0.0):
+    """Fresh normal random ``[N, C, H, W]`` activation (never zeros) in the requested memory format."""
+    t = torch.randn(shape, dtype=torch.float64, device=device, generator=generator) * scale + offset
+    t = t.to(dtype)
+    if channels_last:
+        t = t.contiguous(memory_format=torch.channels_last)
+    return t
+
+
+def poisoned(like: torch.Tensor) -> torch.Tensor:
+    """A tensor shaped, strided and typed like ``like`` and filled with NaN."""
+    return torch.full_like(like, float("nan"))
+
+
+def to64(*tensors):
+    """Detached float64 copies that require grad where the original did (leaf tensors for a reference run)."""
+    out = []
+    for t in tensors:
+        if t is None:
+            out.append(None)
+            continue
+        c = t.detach().to(torch.float64)
+        out.append(c.requires_grad_(t.requires_grad))
+    return out
