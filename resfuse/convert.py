@@ -1,14 +1,492 @@
-"""resfuse.fuse(model): placeholder replaced by the fuse() implementation (issue 7)."""
+"""``resfuse.fuse(model)``: swap the ResNet parts of an existing model for fused modules; ``unfuse`` and
+``explain`` (``resfuse.explain(model)``).
+
+Recognition is by structure, never by import: a module is swapped when its class is one of the known
+classes of :data:`PATTERNS` — named by ``module.QualName`` (torchvision, timm, ``resfuse.reference``, so
+neither torchvision nor timm is imported here) — or a subclass that does not override their ``forward``
+(or torchvision's ``_forward_impl``), *and* its children have exactly the names and types of the pattern.
+Anything else is left as it is; :func:`explain_model` says why for every candidate and every BatchNorm
+that stays unfused.
+
+Swapped modules are new objects of the fused class holding the *same* child modules (so the same
+Parameter and buffer objects, and the same ``state_dict`` keys) and the original's other instance
+attributes and hooks; the original class is remembered (as a string) for :func:`unfuse`.
+"""
 from __future__ import annotations
 
+import contextlib
+import copy
+import importlib
+import inspect
+from typing import Dict, NamedTuple, Optional, Tuple, Union
 
-def fuse(model, backend="auto", inplace=False, verify=False):
-    raise NotImplementedError
+import torch
+from torch import nn
+
+from . import backends
+from . import functional as RF
+from . import models as fmodels
+from . import nn as fnn
+from .testing import rel_error, tolerance
+
+__all__ = ["fuse", "unfuse", "explain_model", "FusedSequential", "PATTERNS"]
+
+_BN_TYPES = (nn.BatchNorm2d, nn.SyncBatchNorm)
+_ORIGIN = "_resfuse_unfused"  # instance attribute of a swapped module: "module.QualName" of its original class
+_CONTAINERS = ("_parameters", "_buffers", "_modules")
+_FORWARD_METHODS = ("forward", "_forward_impl")  # _forward_impl: torchvision ResNet.forward's body
+_SEQUENTIAL = "torch.nn.modules.container.Sequential"
+_ABSORBED_ROLES = ("conv", "bn", "relu", "identity")  # children the fused forward runs itself
 
 
-def unfuse(model):
-    raise NotImplementedError
+class FusedSequential(nn.Sequential):
+    """An ``nn.Sequential`` whose ``Conv2d → BatchNorm2d (→ ReLU)`` runs each execute as one fused unit
+    (:func:`resfuse.functional.conv_bn_act`); every other child runs as in ``nn.Sequential``.
+
+    It keeps the Sequential's children under their names, so ``state_dict`` keys are unchanged (a
+    ``ConvBNAct`` would rename ``0.weight`` to ``conv.weight``). Runs are found on each call from the
+    children's exact types (``nn.Conv2d``; ``nn.BatchNorm2d``/``nn.SyncBatchNorm``; ``nn.ReLU``), so
+    editing the Sequential afterwards stays correct. Hooks on the children of a run do not fire.
+    """
+
+    def forward(self, x):
+        mods = list(self)
+        i = 0
+        while i < len(mods):
+            n = _run_length(mods, i)
+            if n:
+                x = RF.conv_bn_act(x, mods[i], mods[i + 1], relu=n == 3)
+            else:
+                x, n = mods[i](x), 1
+            i += n
+        return x
 
 
-def explain_model(model) -> str:
-    raise NotImplementedError
+def _run_length(mods, i: int) -> int:
+    """Length of the ``Conv2d → BN (→ ReLU)`` run starting at ``mods[i]``: 0 (none), 2 or 3."""
+    if i + 1 >= len(mods) or type(mods[i]) is not nn.Conv2d or type(mods[i + 1]) not in _BN_TYPES:
+        return 0
+    return 3 if i + 2 < len(mods) and type(mods[i + 2]) is nn.ReLU else 2
+
+
+class Pattern(NamedTuple):
+    """One swappable structure.
+
+    ``sources``: ``"module.QualName"`` of the classes whose forward computes it (the first one is the
+    plain class :func:`unfuse` falls back to). ``fused``: the class swapped in. ``children``: child name →
+    role, ``"?"`` marking an optional child (absent or None):
+
+    - ``conv`` / ``bn`` / ``relu``: run by the fused forward; exactly ``nn.Conv2d``, ``nn.BatchNorm2d`` or
+      ``nn.SyncBatchNorm``, ``nn.ReLU``. The i-th ``conv`` feeds the i-th ``bn``.
+    - ``identity``: must be ``nn.Identity`` (or absent/None when optional): timm's ``aa``, ``drop_block``...
+    - ``shortcut``: a block's ``downsample``: ``Sequential(Conv2d, BN)`` is fused as a projection, any
+      other module is called as it is (e.g. ``ZeroPadShortcut``).
+    - ``call``: any module; the fused forward calls it as the original does.
+    """
+
+    sources: Tuple[str, ...]
+    fused: type
+    children: Dict[str, str]
+
+
+_TV_BASIC = {"conv1": "conv", "bn1": "bn", "relu": "relu", "conv2": "conv", "bn2": "bn", "downsample": "shortcut?"}
+_TV_BOTTLENECK = {"conv1": "conv", "bn1": "bn", "conv2": "conv", "bn2": "bn", "conv3": "conv", "bn3": "bn",
+                  "relu": "relu", "downsample": "shortcut?"}
+_TIMM_EXTRAS = {"se": "identity?", "drop_path": "identity?", "downsample": "shortcut?"}
+_RESNET_BODY = {"avgpool": "call", "fc": "call"}
+
+PATTERNS: Tuple[Pattern, ...] = (
+    Pattern(("resfuse.reference.resnet.BasicBlock", "torchvision.models.resnet.BasicBlock"),
+            fnn.BasicBlock, _TV_BASIC),
+    Pattern(("resfuse.reference.resnet.Bottleneck", "torchvision.models.resnet.Bottleneck"),
+            fnn.Bottleneck, _TV_BOTTLENECK),
+    Pattern(("timm.models.resnet.BasicBlock",), fnn.BasicBlock,
+            {"conv1": "conv", "bn1": "bn", "drop_block": "identity", "act1": "relu", "aa": "identity",
+             "conv2": "conv", "bn2": "bn", "act2": "relu", **_TIMM_EXTRAS}),
+    Pattern(("timm.models.resnet.Bottleneck",), fnn.Bottleneck,
+            {"conv1": "conv", "bn1": "bn", "act1": "relu", "conv2": "conv", "bn2": "bn", "drop_block": "identity",
+             "act2": "relu", "aa": "identity", "conv3": "conv", "bn3": "bn", "act3": "relu", **_TIMM_EXTRAS}),
+    Pattern(("resfuse.reference.preact.PreActBasicBlock",), fnn.PreActBasicBlock,
+            {"bn1": "call", "conv1": "conv", "bn2": "bn", "conv2": "call", "relu": "relu", "downsample": "call?"}),
+    Pattern(("resfuse.reference.preact.PreActBottleneck",), fnn.PreActBottleneck,
+            {"bn1": "call", "conv1": "conv", "bn2": "bn", "conv2": "conv", "bn3": "bn", "conv3": "call",
+             "relu": "relu", "downsample": "call?"}),
+    # whole models: the stem conv1 → bn1 → relu is used by the model's own forward, so only the model's
+    # class can fuse it; swapped only for these exact forwards (timm's ResNet keeps its stem unfused)
+    Pattern(("resfuse.reference.resnet.ResNet", "torchvision.models.resnet.ResNet"), fmodels.ResNet,
+            {"conv1": "conv", "bn1": "bn", "relu": "relu", "maxpool": "call", "layer1": "call", "layer2": "call",
+             "layer3": "call", "layer4": "call", **_RESNET_BODY}),
+    Pattern(("resfuse.reference.cifar.CifarResNet",), fmodels.CifarResNet,
+            {"conv1": "conv", "bn1": "bn", "relu": "relu", "layer1": "call", "layer2": "call", "layer3": "call",
+             **_RESNET_BODY}),
+)
+_FUSED_TYPES = {p.fused for p in PATTERNS} | {FusedSequential}
+
+
+class _Verdict(NamedTuple):
+    """What resfuse makes of one module. ``status``: "fused" (already a fused module), "fusable", "left"
+    (a candidate that cannot be fused, see ``reason``) or None (not a candidate). ``absorbed``: the
+    children the fused forward runs itself (not called as modules, so not fused separately)."""
+
+    status: Optional[str]
+    fused: Optional[type] = None
+    reason: str = ""
+    absorbed: frozenset = frozenset()
+    note: str = ""
+
+
+# -- recognition ------------------------------------------------------------------------------------------
+def _name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _known_base(cls: type, sources) -> Optional[type]:
+    return next((k for k in cls.__mro__ if _name(k) in sources), None)
+
+
+def _overridden(cls: type, known: type) -> Optional[str]:
+    for meth in _FORWARD_METHODS:
+        f = vars(known).get(meth)
+        if inspect.isfunction(f) and getattr(cls, meth) is not f:
+            return meth
+    return None
+
+
+def _hooked(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
+
+
+def _is_projection(ds) -> bool:
+    """Whether ``resfuse.nn.shortcut_of`` fuses ``ds`` as a projection (keep in step with it)."""
+    return (isinstance(ds, nn.Sequential) and len(ds) == 2 and type(ds[0]) is nn.Conv2d
+            and isinstance(ds[1], (nn.BatchNorm2d, nn.SyncBatchNorm)))
+
+
+def _check_pairs(pairs) -> str:
+    """Reason the ``(label, conv, bn)`` layers cannot run as one fused chain, or ""."""
+    for label, conv, bn in pairs:
+        if conv.out_channels != bn.num_features:
+            return f"{label}: BN has {bn.num_features} features but the conv gives {conv.out_channels} channels"
+        why = RF._unfusable([(conv, bn)], None)
+        if why:
+            return f"{label}: {why} (the fused path would fall back to plain PyTorch)"
+    syncs = {type(bn) is nn.SyncBatchNorm for _, _, bn in pairs}
+    if len(syncs) > 1:
+        return "mixes nn.SyncBatchNorm and nn.BatchNorm2d in one chain"
+    if syncs == {True} and len({id(bn.process_group) for _, _, bn in pairs}) > 1:
+        return "its SyncBatchNorms use different process groups"
+    return ""
+
+
+def _child_reason(name: str, role: str, child) -> str:
+    kind = type(child).__name__
+    if not isinstance(child, nn.Module):
+        return f"{name} is {kind}, not a module"
+    if role == "conv" and type(child) is not nn.Conv2d:
+        return f"{name} is {kind}, not nn.Conv2d"
+    if role == "bn" and type(child) not in _BN_TYPES:
+        return f"{name} is {kind}, not nn.BatchNorm2d or nn.SyncBatchNorm"
+    if role == "relu" and type(child) is not nn.ReLU:
+        return f"{name} is {kind}, not nn.ReLU"
+    if role == "identity" and type(child) is not nn.Identity:
+        return f"{name} is {kind} (only None or nn.Identity can be fused)"
+    if role in _ABSORBED_ROLES and _hooked(child):
+        return f"{name} has hooks (the fused forward would skip them)"
+    if role == "shortcut" and _is_projection(child):
+        if type(child[1]) not in _BN_TYPES or _overridden(type(child), nn.Sequential):
+            return (f"{name} is {type(child).__name__}(Conv2d, {type(child[1]).__name__}), which the fused "
+                    "block would run as a plain projection")
+        if any(_hooked(x) for x in child.modules()):
+            return f"{name} has hooks (the fused forward would skip them)"
+    return ""
+
+
+def _match_pattern(m: nn.Module, p: Pattern, known: type) -> _Verdict:
+    def left(reason):
+        return _Verdict("left", p.fused, reason)
+
+    meth = _overridden(type(m), known)
+    if meth:
+        return left(f"{_name(type(m))} overrides {known.__qualname__}.{meth}")
+    unexpected = sorted(k for k, v in m._modules.items() if v is not None and k not in p.children)
+    if unexpected:
+        return left(f"unexpected children {unexpected}")
+    absorbed, convs, bns, projection = set(), [], [], []
+    for name, spec in p.children.items():
+        role = spec.rstrip("?")
+        child = getattr(m, name, None)
+        if child is None:
+            if spec.endswith("?"):
+                continue
+            return left(f"has no {name}")
+        why = _child_reason(name, role, child)
+        if why:
+            return left(why)
+        if role in _ABSORBED_ROLES:
+            absorbed.add(name)
+        if role == "conv":
+            convs.append((name, child))
+        elif role == "bn":
+            bns.append((name, child))
+        elif role == "shortcut" and _is_projection(child):
+            absorbed.add(name)
+            projection.append((name, child[0], child[1]))
+    why = _check_pairs([(f"{c}/{b}", conv, bn) for (c, conv), (b, bn) in zip(convs, bns)] + projection)
+    if why:
+        return left(why)
+    return _Verdict("fusable", p.fused, absorbed=frozenset(absorbed))
+
+
+def _match_sequential(m: nn.Module) -> _Verdict:
+    names, mods = list(m._modules), list(m._modules.values())
+    absorbed, notes, i = set(), [], 0
+    while i < len(mods):
+        n = _run_length(mods, i)
+        if not n:
+            i += 1
+            continue
+        label = f"run {names[i]}-{names[i + n - 1]}"
+        if any(_hooked(x) for x in mods[i:i + n]):
+            return _Verdict("left", FusedSequential, f"{label} has hooks (the fused forward would skip them)")
+        why = _check_pairs([(label, mods[i], mods[i + 1])])
+        notes += [why] if why else []
+        absorbed.update(names[i:i + n])
+        i += n
+    if not absorbed:
+        return _Verdict(None)
+    return _Verdict("fusable", FusedSequential, absorbed=frozenset(absorbed), note="; ".join(notes))
+
+
+def _classify(m: nn.Module) -> _Verdict:
+    if type(m) is FusedSequential:
+        return _match_sequential(m)._replace(status="fused", fused=FusedSequential)
+    if type(m) in _FUSED_TYPES:  # its children as in the first pattern they match (tv/ref, timm, ...)
+        verdicts = [_match_pattern(m, p, type(m)) for p in PATTERNS if p.fused is type(m)]
+        v = next((v for v in verdicts if v.status == "fusable"), verdicts[0])
+        return v._replace(status="fused", fused=type(m))
+    for p in PATTERNS:
+        known = _known_base(type(m), p.sources)
+        if known is not None:
+            return _match_pattern(m, p, known)
+    known = _known_base(type(m), (_SEQUENTIAL,))
+    if known is not None:
+        meth = _overridden(type(m), known)
+        v = _match_sequential(m)
+        if meth and v.status:
+            return _Verdict("left", FusedSequential, f"{_name(type(m))} overrides Sequential.{meth}")
+        return v
+    return _Verdict(None)
+
+
+# -- rebuilding modules ------------------------------------------------------------------------------------
+def _rebuild(old: nn.Module, cls: type) -> nn.Module:
+    """A ``cls`` instance with ``old``'s children (same objects), instance attributes and hooks."""
+    if hasattr(cls, "from_module"):
+        new = cls.from_module(old)
+    else:
+        new = cls.__new__(cls)
+        for k in _CONTAINERS:
+            vars(new)[k] = copy.copy(vars(old)[k])
+    for k, v in vars(old).items():
+        if k not in _CONTAINERS:
+            vars(new)[k] = v
+    return new
+
+
+def _share_copy(model: nn.Module) -> nn.Module:
+    """A copy of the module tree whose Parameters and buffers are the original objects."""
+    memo = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    return copy.deepcopy(model, memo)
+
+
+def _transform(m: nn.Module, swap, memo: dict) -> nn.Module:
+    """Apply ``swap(module, verdict) -> module`` bottom-up; absorbed children are not visited."""
+    if id(m) in memo:
+        return memo[id(m)]
+    verdict = _classify(m)
+    for name, child in list(m._modules.items()):
+        if child is not None and name not in verdict.absorbed:
+            new = _transform(child, swap, memo)
+            if new is not child:
+                setattr(m, name, new)
+    out = swap(m, verdict)
+    memo[id(m)] = out
+    return out
+
+
+def _swap_in(m: nn.Module, v: _Verdict) -> nn.Module:
+    if v.status != "fusable":
+        return m
+    new = _rebuild(m, v.fused)
+    vars(new)[_ORIGIN] = _name(type(m))
+    return new
+
+
+def _swap_out(m: nn.Module, v: _Verdict) -> nn.Module:
+    if v.status != "fused":
+        return m
+    origin = vars(m).get(_ORIGIN)
+    if origin is None:  # built fused (resfuse.models, resfuse.nn): back to its plain twin
+        origin = _SEQUENTIAL if type(m) is FusedSequential else next(
+            p.sources[0] for p in PATTERNS if p.fused is type(m))
+    new = _rebuild(m, _resolve(origin))
+    vars(new).pop(_ORIGIN, None)
+    return new
+
+
+def _resolve(qualified: str) -> type:
+    """The class named ``"module.Name"`` (every swapped class is a module-level class)."""
+    module, _, name = qualified.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+# -- public API -----------------------------------------------------------------------------------------
+def fuse(model: nn.Module, backend: str = "auto", inplace: bool = False,
+         verify: Union[bool, torch.Tensor] = False) -> nn.Module:
+    """Swap the ResNet parts of ``model`` for fused modules; returns the fused model.
+
+    Swapped (see :data:`PATTERNS`; ``resfuse.explain(model)`` lists what was and was not swapped):
+
+    - torchvision / ``resfuse.reference`` ``BasicBlock`` and ``Bottleneck`` (ResNet, ResNeXt, wide ResNet),
+      timm's ``BasicBlock``/``Bottleneck`` when ``aa``/``drop_block`` are ``nn.Identity``, ``se`` and
+      ``drop_path`` None and the activations ``nn.ReLU``, and the reference pre-activation blocks;
+      a ``downsample = Sequential(Conv2d, BN)`` becomes a fused projection shortcut, any other (CIFAR
+      option A ``ZeroPadShortcut``, timm's avg-pool downsample) is called as it is;
+    - ``nn.Sequential`` (and subclasses that keep its forward, e.g. torchvision's ``Conv2dNormActivation``)
+      holding ``Conv2d → BatchNorm2d (→ ReLU)`` runs → :class:`FusedSequential` (same children and keys);
+    - a torchvision / reference ``ResNet`` and the reference ``CifarResNet`` (wherever they sit in the
+      tree) → ``resfuse.models.ResNet`` / ``CifarResNet``, whose forward also fuses the stem
+      ``conv1 → bn1 → relu``. Other models' stems (timm's) stay plain: their own forward calls them.
+
+    BN may be ``nn.BatchNorm2d`` or ``nn.SyncBatchNorm`` (synchronised through ``resfuse.distributed``).
+    A module is left as it is when its class overrides the known ``forward``, its children differ
+    (other names, other types such as ``FrozenBatchNorm2d`` or ``SiLU``), a conv that the fused path
+    cannot run (bias, non-zero padding mode), or hooks on a child the fused forward would bypass.
+
+    Sharing: every swapped module holds the original child modules, so Parameter and buffer objects —
+    and ``state_dict`` keys — are unchanged; an optimizer built on ``model.parameters()`` before ``fuse``
+    keeps training the fused model. Instance attributes and hooks of a swapped module are carried over.
+
+    Args:
+        backend: ``"auto"`` leaves the backend choice alone; any other name (``"reference"``, ``"cpu"``,
+            ``"cuda"``, ``"triton"``) is checked to be available (else ``BackendUnavailable``) and set
+            *process-wide*, as ``resfuse.set_backend(name)`` — the choice is global, not per model; use
+            ``resfuse.use_backend`` around calls to mix backends.
+        inplace: ``False`` (default): ``model`` is untouched and a new module tree is returned; every
+            module object in it is new (own ``training`` flag, own children dicts), but its Parameters and
+            buffers *are* ``model``'s (training one updates the other's weights and running statistics;
+            ``.to()``/``.half()`` on one of them replaces that one's buffers only). ``True``: submodules
+            of ``model`` are replaced in place; when ``model`` itself is swapped (a ResNet) the returned
+            object is a new one: always use the return value.
+        verify: ``True`` or an example input: run a batch (``[2, C_in, 64, 64]`` random, with the first
+            conv's ``C_in``, dtype and device, unless given) through copies of the original and the fused
+            model in eval mode (the user's modules, modes and statistics are untouched) and raise
+            ``AssertionError`` with the worst relative error when they differ by more than
+            ``100 × resfuse.testing.tolerance(dtype)`` (whole-model tolerance).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"resfuse.fuse: model must be a torch.nn.Module, got {type(model).__name__}")
+    if backend not in backends.NAMES:
+        raise ValueError(f"resfuse.fuse: unknown backend {backend!r}; valid: {', '.join(backends.NAMES)}")
+    if backend != "auto":
+        be, reason = backends.instance(backend)
+        if be is None:
+            raise backends.BackendUnavailable(f"resfuse.fuse: backend {backend!r} is not available: {reason}")
+    before = _share_copy(model) if verify is not False else None
+    fused = _transform(model if inplace else _share_copy(model), _swap_in, {})
+    if before is not None:
+        with backends.use_backend(backend) if backend != "auto" else contextlib.nullcontext():
+            _verify(before, fused, None if verify is True else verify)
+    if backend != "auto":
+        backends.set_backend(backend)
+    return fused
+
+
+def unfuse(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """The inverse of :func:`fuse`: every fused module (also those of ``resfuse.models``) back to its
+    original plain class — the one ``fuse`` swapped out, else its ``resfuse.reference`` twin (or
+    ``nn.Sequential``) — with the same children, Parameters and buffers. For export (ONNX,
+    ``torch.export``) or to compare with plain PyTorch. ``inplace`` as in :func:`fuse`."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"resfuse.unfuse: model must be a torch.nn.Module, got {type(model).__name__}")
+    return _transform(model if inplace else _share_copy(model), _swap_out, {})
+
+
+def explain_model(model: nn.Module) -> str:
+    """What :func:`fuse` swapped in ``model`` (or would swap), what it leaves and why.
+
+    Computed from the model as it is (nothing is recorded by ``fuse``): fused modules, modules that
+    ``fuse`` would swap, candidates it leaves with the reason, and every BatchNorm that no fused unit
+    runs, with the reason (usually: its parent's forward is not one resfuse knows).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"resfuse.explain: model must be a torch.nn.Module, got {type(model).__name__}")
+    rows = {"fused": [], "fusable": [], "left": []}
+    seen = set()
+
+    def walk(m, path):
+        if id(m) in seen:
+            return
+        seen.add(id(m))
+        v = _classify(m)
+        where = path or "(model)"
+        if v.status == "fused":
+            origin = vars(m).get(_ORIGIN)
+            rows["fused"].append((where, f"{_name(type(m))}" + (f"  (was {origin})" if origin else ""), v.note))
+        elif v.status == "fusable":
+            rows["fusable"].append((where, f"{_name(type(m))} -> {_name(v.fused)}", v.note))
+        elif v.status == "left":
+            rows["left"].append((where, _name(type(m)), v.reason))
+        for name, child in m._modules.items():
+            if child is None or name in v.absorbed:
+                continue
+            cpath = f"{path}.{name}" if path else name
+            if v.status is None and _is_norm(child):
+                rows["left"].append((cpath, _name(type(child)),
+                                     f"run by {where} ({_name(type(m))}), whose forward resfuse does not know"))
+            elif v.status not in (None, "left") and _is_norm(child):
+                rows["left"].append((cpath, _name(type(child)), "not directly after a Conv2d"))
+            walk(child, cpath)
+
+    walk(model, "")
+    titles = {"fused": "fused", "fusable": "fusable (resfuse.fuse would swap)", "left": "left as is"}
+    lines = [f"resfuse.explain: {type(model).__name__}"]
+    for key, title in titles.items():
+        lines.append(f"{title} ({len(rows[key])}):")
+        for path, what, why in rows[key]:
+            lines.append(f"  {path:<24} {what}" + (f": {why}" if why else ""))
+    return "\n".join(lines)
+
+
+def _is_norm(m) -> bool:
+    return isinstance(m, nn.modules.batchnorm._NormBase) or "BatchNorm" in type(m).__name__
+
+
+def _verify(before: nn.Module, fused: nn.Module, example: Optional[torch.Tensor]) -> None:
+    if example is None:
+        conv = next((m for m in before.modules() if isinstance(m, nn.Conv2d)), None)
+        if conv is None:
+            raise ValueError("resfuse.fuse(verify=True): the model has no Conv2d to size a random input by; "
+                             "pass an example input as verify=tensor")
+        example = torch.randn(2, conv.in_channels, 64, 64, dtype=conv.weight.dtype, device=conv.weight.device)
+    plain, fast = _share_copy(before).eval(), _share_copy(fused).eval()
+    with torch.no_grad():
+        try:
+            want = plain(example)
+        except Exception as e:
+            raise ValueError(f"resfuse.fuse(verify=...): the original model fails on an input of shape "
+                             f"{tuple(example.shape)} ({type(e).__name__}: {e}); pass an example input as "
+                             "verify=tensor") from e
+        got = fast(example)
+    want_l, want_spec = torch.utils._pytree.tree_flatten(want)
+    got_l, got_spec = torch.utils._pytree.tree_flatten(got)
+    if want_spec != got_spec:
+        raise AssertionError(f"resfuse.fuse(verify=True): the fused model returns {got_spec}, the original "
+                             f"{want_spec}")
+    for w, g in zip(want_l, got_l):
+        if isinstance(w, torch.Tensor) and w.is_floating_point():
+            err, tol = rel_error(g, w), 100 * tolerance(w.dtype)
+            if not err <= tol:
+                raise AssertionError(f"resfuse.fuse(verify=True): fused and original outputs differ: worst "
+                                     f"relative error {err:.3e} > {tol:.1e} ({w.dtype}, eval mode, input "
+                                     f"{tuple(example.shape)})")

@@ -1,15 +1,176 @@
 """The ``cpu`` backend: resfuse's C++ kernels (``csrc/cpu``) for the BN/ReLU/add passes and oneDNN
-convolutions through ATen."""
+convolutions through ATen.
+
+Two paths for the inference form ``conv_bias_act`` (BN already folded into ``w`` and ``bias``):
+
+* **oneDNN fast path** — ``torch.ops.mkldnn._convolution_pointwise`` (conv + bias + ReLU post-op) and
+  its ``.binary`` overload (conv + bias, then a binary ``add`` of the residual, then ReLU): a whole
+  inference layer, shortcut add included, in one oneDNN primitive. The folded weight is *prepacked*
+  once into oneDNN's blocked layout (``torch.ops.mkldnn._reorder_convolution_weight``, the op Inductor's
+  freezing pass uses) and cached on the folded weight tensor itself, per input shape, guarded by the
+  weight's version counter. ``resfuse.functional.fold_bn`` already returns a new folded tensor whenever a
+  conv weight, BN parameter or buffer changes (version counters, identity, dtype, device), so a changed
+  model can never meet a stale packed weight; the pack dies with its folded weight.
+  A weight seen for the first time is not packed (a per-call weight, e.g. the RiR layer's
+  ``W_cat + I``, would otherwise be repacked on every call); from the second call on it is.
+* **portable path** — ATen convolution + ``torch.ops.resfuse.bn_act`` (bias + residual + ReLU in one
+  pass), i.e. :class:`resfuse.backends.Backend`'s composition. Used when the private ops are missing
+  or fail the import-time probe, for dtypes oneDNN does not run here (float64; float16 without
+  AVX512-FP16), when ``torch.backends.mkldnn`` is disabled, while ``torch.compile`` traces, when a
+  gradient is needed, and whenever it is forced:
+
+  - environment: ``RESFUSE_CPU_PORTABLE=1`` (read at import; CI runs the suite both ways);
+  - process-wide: :func:`set_onednn` ``(False)`` / ``(True)`` / ``(None)`` (back to the environment);
+  - per thread: ``with resfuse.cpu_backend.portable():``.
+
+Memory format: outputs keep the input's format. With a channels_last input (the fast case) every layer
+reads and writes NHWC and no reorder happens anywhere; with an NCHW input the packed weight still
+runs (oneDNN computes in a blocked/NHWC layout) and the result is returned NCHW. Choose channels_last
+once at the model's input: :func:`resfuse.layout.channels_last`.
+
+Threads: the oneDNN primitives run on ATen's intra-op pool, so ``torch.set_num_threads`` applies.
+Nothing here is process-global except the optional :func:`set_onednn` switch; caches live on the
+folded weight tensors (one per conv module, see ``fold_bn``), so two models, or two threads running one
+model, never share mutable state beyond a dict insertion under the GIL.
+"""
 from __future__ import annotations
 
+import contextlib
+import os
+import threading
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from . import _extension
-from .backends import Backend, register_backend
+from .backends import Backend, ConvGeom, register_backend
 
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+#: environment variable forcing the portable path (``1``/``true``/``yes``)
+ENV_PORTABLE = "RESFUSE_CPU_PORTABLE"
+_PACK_ATTR = "_resfuse_onednn_pack"  # attribute of a folded weight tensor: {key: packed weight}
+_MAX_PACKS = 4  # packed copies kept per folded weight (one per input shape seen), oldest dropped
+
+
+def _env_portable() -> bool:
+    return os.environ.get(ENV_PORTABLE, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+_default_onednn: Optional[bool] = None  # None: follow the environment
+_local = threading.local()
+
+
+def set_onednn(enabled: Optional[bool]) -> None:
+    """Process-wide: ``False`` forces the portable path, ``True`` allows oneDNN (when it probes OK),
+    ``None`` follows ``RESFUSE_CPU_PORTABLE`` again."""
+    global _default_onednn
+    _default_onednn = enabled
+
+
+@contextlib.contextmanager
+def portable(enabled: bool = True):
+    """Context manager: in this thread, force the portable path (``enabled=True``) or allow the
+    oneDNN fast path (``enabled=False``) for the enclosed calls."""
+    prev = getattr(_local, "onednn", None)
+    _local.onednn = not enabled
+    try:
+        yield
+    finally:
+        _local.onednn = prev
+
+
+def onednn_requested() -> bool:
+    """Whether the oneDNN fast path is allowed in this thread now (before availability checks)."""
+    v = getattr(_local, "onednn", None)
+    if v is not None:
+        return v
+    if _default_onednn is not None:
+        return _default_onednn
+    return not _ENV_PORTABLE_AT_IMPORT
+
+
+_ENV_PORTABLE_AT_IMPORT = _env_portable()
+
+
+# -- detection of the private oneDNN ops --------------------------------------------------------------
+class _OneDNN:
+    """The private ATen ops, resolved once; ``reason`` is None when they exist and pass a probe."""
+
+    def __init__(self):
+        self.conv = self.binary = self.reorder = None
+        self.bf16 = self.fp16 = False
+        self.reason = self._resolve()
+
+    def _resolve(self) -> Optional[str]:
+        if not torch.backends.mkldnn.is_available():
+            return "torch is built without oneDNN (torch.backends.mkldnn.is_available() is False)"
+        try:
+            mk = torch.ops.mkldnn
+            self.conv = mk._convolution_pointwise.default
+            self.binary = mk._convolution_pointwise.binary
+            self.reorder = mk._reorder_convolution_weight.default
+        except (AttributeError, RuntimeError) as e:
+            return f"torch.ops.mkldnn fused-convolution ops are missing ({type(e).__name__}: {e})"
+        try:
+            self.bf16 = bool(mk._is_mkldnn_bf16_supported())
+            self.fp16 = bool(mk._is_mkldnn_fp16_supported())
+        except (AttributeError, RuntimeError):
+            self.bf16 = self.fp16 = False
+        return self._probe()
+
+    def _probe(self) -> Optional[str]:
+        """Run both ops once on a tiny problem (deterministic data: the global RNG is not touched)
+        and compare with ATen; any exception or mismatch disables the fast path."""
+        try:
+            with torch.no_grad():
+                x = (torch.arange(2 * 4 * 5 * 5, dtype=torch.float32).reshape(2, 4, 5, 5).sin()
+                     .contiguous(memory_format=torch.channels_last))
+                w = torch.arange(6 * 4 * 3 * 3, dtype=torch.float32).reshape(6, 4, 3, 3).cos()
+                b = torch.linspace(-1, 1, 6)
+                r = torch.linspace(-2, 2, 2 * 6 * 3 * 3).reshape(2, 6, 3, 3).contiguous(
+                    memory_format=torch.channels_last)
+                pw = self.reorder(w, [1, 1], [2, 2], [1, 1], 1, [2, 4, 5, 5])
+                y1 = self.conv(x, pw, b, [1, 1], [2, 2], [1, 1], 1, "relu", [], "")
+                y2 = self.binary(x, r, pw, b, [1, 1], [2, 2], [1, 1], 1, "add", 1.0, "relu", [], "")
+                ref = F.conv2d(x, w, b, 2, 1)
+                ok = (torch.allclose(y1, ref.relu(), atol=1e-4, rtol=1e-4)
+                      and torch.allclose(y2, (ref + r).relu(), atol=1e-4, rtol=1e-4))
+            return None if ok else "the oneDNN fused convolution disagrees with ATen on a probe"
+        except Exception as e:  # noqa: BLE001 - any failure means: do not use it
+            return f"the oneDNN fused convolution failed a probe ({type(e).__name__}: {e})"
+
+    def dtype_ok(self, dtype) -> bool:
+        return (dtype == torch.float32 or (dtype == torch.bfloat16 and self.bf16)
+                or (dtype == torch.float16 and self.fp16))
+
+
+_ONEDNN: Optional[_OneDNN] = None
+_ONEDNN_LOCK = threading.Lock()
+
+
+def onednn() -> _OneDNN:
+    """The resolved oneDNN ops (probed once per process, lazily)."""
+    global _ONEDNN
+    if _ONEDNN is None:
+        with _ONEDNN_LOCK:
+            if _ONEDNN is None:
+                _ONEDNN = _OneDNN()
+    return _ONEDNN
+
+
+def onednn_status() -> Optional[str]:
+    """``None`` when the fast path can run in this thread, else the reason it cannot."""
+    if not onednn_requested():
+        return f"forced portable ({ENV_PORTABLE}, set_onednn(False) or portable())"
+    if not torch.backends.mkldnn.enabled:
+        return "torch.backends.mkldnn.enabled is False"
+    return onednn().reason
+
+
+def _is_channels_last(t: torch.Tensor) -> bool:
+    return t.is_contiguous(memory_format=torch.channels_last)
 
 
 class CpuBackend(Backend):
@@ -31,6 +192,62 @@ class CpuBackend(Backend):
             if t.dtype not in _DTYPES:
                 return f"dtype {t.dtype} is not one of float32, float64, bfloat16, float16"
         return None
+
+    # -- inference: conv + bias + residual + ReLU ----------------------------------------------------
+    def conv_bias_act(self, x, w, bias, geom: ConvGeom, residual=None, relu=True):
+        """``act(conv(x, w) + bias[c] + residual)``: one oneDNN call when the fast path applies."""
+        if not self._fast(x, w, bias, residual):
+            return super().conv_bias_act(x, w, bias, geom, residual, relu)
+        ops = _ONEDNN
+        cl = _is_channels_last(x)
+        pw = self._packed(w, geom, x)
+        pad, stride, dil = list(geom.padding), list(geom.stride), list(geom.dilation)
+        if bias.dtype != x.dtype:  # bf16/fp16: oneDNN wants the bias in the activation dtype
+            bias = bias.to(x.dtype)
+        if residual is None:
+            y = ops.conv(x, pw, bias, pad, stride, dil, geom.groups, "relu" if relu else "none", [], "")
+        else:
+            y = ops.binary(x, residual, pw, bias, pad, stride, dil, geom.groups, "add", 1.0,
+                           "relu" if relu else None, [], "")
+        if not cl and not y.is_contiguous():
+            y = y.contiguous()  # NCHW in, NCHW out (the packed primitive computes in NHWC/blocked)
+        return y
+
+    def _fast(self, x, w, bias, residual) -> bool:
+        if onednn_status() is not None or torch.compiler.is_compiling():
+            return False
+        ops = _ONEDNN
+        if x.dim() != 4 or w.dtype != x.dtype or not ops.dtype_ok(x.dtype):
+            return False
+        if residual is not None and (residual.dtype != x.dtype or residual.shape[0] != x.shape[0]):
+            return False
+        if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or bias.requires_grad
+                                        or (residual is not None and residual.requires_grad)):
+            return False  # the private ops have no autograd formula
+        return True
+
+    @staticmethod
+    def _packed(w: torch.Tensor, geom: ConvGeom, x: torch.Tensor):
+        """``w`` prepacked for input shape ``x.shape`` (cached on ``w``); ``w`` itself on first sight."""
+        cache = getattr(w, _PACK_ATTR, None)
+        if cache is None or cache.get("version") != w._version:
+            try:
+                setattr(w, _PACK_ATTR, {"version": w._version})
+            except (AttributeError, RuntimeError):
+                pass
+            # first sight (or changed in place): run unpacked; oneDNN reorders the weight internally
+            return w if not _is_channels_last(x) else w.contiguous(memory_format=torch.channels_last)
+        key = (tuple(x.shape), x.dtype, geom)
+        pw = cache.get(key)
+        if pw is None:
+            with torch.no_grad():
+                pw = _ONEDNN.reorder(w.contiguous(), list(geom.padding), list(geom.stride),
+                                     list(geom.dilation), geom.groups, list(x.shape))
+            packs = [k for k in cache if k != "version"]
+            if len(packs) >= _MAX_PACKS:
+                del cache[packs[0]]
+            cache[key] = pw
+        return pw
 
 
 register_backend("cpu", CpuBackend)

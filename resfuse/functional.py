@@ -92,17 +92,21 @@ def _dispatch(be, x, layers, shortcut, relu, cast, weights=None):
     flat = []
     for (conv, bn) in layers:
         flat += [w_of(conv), bn.weight, bn.bias, *_running(bn)]
+    on_x = False
     if proj:
         xs, conv_s, bn_s = shortcut
-        flat += [xs, w_of(conv_s), bn_s.weight, bn_s.bias, *_running(bn_s)]
+        on_x = xs is x
+        flat += ([] if on_x else [xs]) + [w_of(conv_s), bn_s.weight, bn_s.bias, *_running(bn_s)]
         kind, spec_s = "projection", _layer_spec(conv_s, bn_s)
+    elif shortcut is x:
+        kind, spec_s = "identity", None
     elif shortcut is not None:
         flat.append(shortcut)
         kind, spec_s = "tensor", None
     else:
         kind, spec_s = "none", None
     sync, group = _sync_of(all_bns)
-    spec = ChainSpec(specs, kind, spec_s, bool(relu), sync, group)
+    spec = ChainSpec(specs, kind, spec_s, on_x, bool(relu), sync, group)
     out, *stats = ConvBNChainFunction.apply(spec, be.name, x, *flat)
     with torch.no_grad():
         for j, bn in enumerate(all_bns):
@@ -203,8 +207,8 @@ def _needs_grad(x, layers, shortcut, weights=None) -> bool:
 
 def _sync_of(bns):
     syncs = [isinstance(bn, nn.SyncBatchNorm) for bn in bns]
-    if not any(syncs):
-        return False, None
+    if not any(syncs) or not any(bn.training for bn in bns):
+        return False, None  # nn.SyncBatchNorm syncs only in training mode
     import torch.distributed as dist
     if not (dist.is_available() and dist.is_initialized()):
         return False, None  # like nn.SyncBatchNorm outside a process group: plain BN

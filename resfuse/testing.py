@@ -50,6 +50,16 @@ def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return (a - e).abs().max().item() / denom
 
 
+def rel_error_l2(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """``||a - e|| / ||e||`` in float64: the error measure for low-precision gradients, where a ReLU
+    mask flipped by rounding makes single elements (and so the max-norm error) meaningless."""
+    a = actual.detach().to(torch.float64)
+    e = expected.detach().to(torch.float64)
+    if a.shape != e.shape:
+        raise AssertionError(f"shape mismatch: {tuple(a.shape)} vs expected {tuple(e.shape)}")
+    return ((a - e).norm() / e.norm().clamp_min(1e-30)).item()
+
+
 def assert_close_ref(actual, expected, dtype=None, *, rtol=None, name="output", tf32=False):
     """Assert ``actual`` matches the float64 ``expected`` within the tolerance of ``dtype``."""
     dtype = dtype or actual.dtype
@@ -66,14 +76,15 @@ def assert_close_ref(actual, expected, dtype=None, *, rtol=None, name="output", 
     return err
 
 
-def assert_error_ratio(actual, plain, truth, k: float = 2.0, *, name="output", floor=None):
+def assert_error_ratio(actual, plain, truth, k: float = 2.0, *, name="output", floor=None, l2=False):
     """Model-level rule: ``err(actual) <= k * err(plain) + floor`` where err is relative to ``truth``.
 
     ``plain`` is plain PyTorch's result in the same dtype as ``actual``; ``truth`` is float64.
     ``floor`` (default: the single-op tolerance of actual's dtype / 10) keeps the rule meaningful when
-    plain PyTorch happens to be almost exact.
+    plain PyTorch happens to be almost exact. ``l2=True`` measures with :func:`rel_error_l2`.
     """
-    ours, theirs = rel_error(actual, truth), rel_error(plain, truth)
+    err = rel_error_l2 if l2 else rel_error
+    ours, theirs = err(actual, truth), err(plain, truth)
     floor = tolerance(actual.dtype) / 10 if floor is None else floor
     if not ours <= k * theirs + floor:
         raise AssertionError(f"{name}: error {ours:.3e} > {k} x plain PyTorch's {theirs:.3e} + {floor:.1e}")

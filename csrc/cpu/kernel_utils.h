@@ -5,6 +5,7 @@
 #include <ATen/OpMathType.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#include <c10/util/Exception.h>
 
 #include <algorithm>
 #include <array>
@@ -17,14 +18,13 @@ using at::vec::Vectorized;
 // Elements of work below which a parallel range is not split further.
 constexpr int64_t kGrainElems = 32768;
 
-// f(std::true_type{}) or f(std::false_type{}): a runtime flag becomes a constant inside f.
-template <typename F>
-void bool_switch(bool flag, F&& f) {
-  if (flag) {
-    f(std::true_type{});
-  } else {
-    f(std::false_type{});
-  }
+// Calls f(std::integral_constant<T, v>{}) for the v among Values... that equals `value`, so that a
+// runtime flag or mode becomes a compile-time constant inside f:
+//   value_switch<false, true>(relu, [&](auto relu_c) { kernel<decltype(relu_c)::value>(...); });
+template <auto... Values, typename T, typename F>
+void value_switch(T value, F&& f) {
+  const bool found = ((value == Values && (f(std::integral_constant<T, Values>{}), true)) || ...);
+  TORCH_INTERNAL_ASSERT(found, "value_switch: unexpected value");
 }
 
 // Activations of dtype scalar_t are read and written as vectors of their accumulation type acc_t

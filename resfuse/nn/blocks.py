@@ -25,7 +25,8 @@ def shortcut_of(downsample, x: torch.Tensor) -> Shortcut:
     if downsample is None:
         return x
     if (isinstance(downsample, nn.Sequential) and len(downsample) == 2
-            and type(downsample[0]) is nn.Conv2d and isinstance(downsample[1], nn.BatchNorm2d)):
+            and type(downsample[0]) is nn.Conv2d
+            and isinstance(downsample[1], (nn.BatchNorm2d, nn.SyncBatchNorm))):
         return (x, downsample[0], downsample[1])
     return downsample(x)
 
@@ -38,8 +39,9 @@ class _FromModule:
         nn.Module.__init__(self)
         for name, child in block.named_children():
             setattr(self, name, child)
-        for name in ("stride", "training"):
-            setattr(self, name, getattr(block, name))
+        for name in ("stride", "training", "downsample"):
+            if name not in self._modules:
+                setattr(self, name, getattr(block, name))
         return self
 
 

@@ -38,8 +38,9 @@ class LayerSpec(NamedTuple):
 
 class ChainSpec(NamedTuple):
     layers: Tuple[LayerSpec, ...]
-    shortcut: str  # "none" | "tensor" | "projection"
+    shortcut: str  # "none" | "tensor" | "identity" (the chain's own input) | "projection"
     shortcut_layer: Optional[LayerSpec]
+    proj_on_x: bool  # the projection reads the chain's input x (then x_s is not passed again)
     relu: bool  # final activation
     sync: bool  # synchronised BN over ``group``
     group: object = None  # torch.distributed process group (None = WORLD) when sync
@@ -80,13 +81,14 @@ def _normaliser(y, mean, var, gamma, beta, rm, rv, L: LayerSpec, spec: ChainSpec
 
 def _coefficients(sum_dz, sum_dz_xmu, mean, invstd, gamma, count, L: LayerSpec, spec: ChainSpec):
     """``(a, b, d, grad_gamma, grad_beta)`` of one layer from its reduced gradient sums."""
+    # dgamma/dbeta stay per-rank (DDP averages parameter gradients, as with nn.SyncBatchNorm)
+    grad_gamma = (sum_dz_xmu * invstd) if L.affine else None
+    grad_beta = sum_dz if L.affine else None
     if L.batch_stats and spec.sync:
         from .. import distributed
         sum_dz, sum_dz_xmu = distributed.sync_grad_sums(sum_dz, sum_dz_xmu, spec.group)
     g = gamma.to(invstd.dtype) if L.affine else torch.ones_like(invstd)
     a = g * invstd
-    grad_gamma = (sum_dz_xmu * invstd) if L.affine else None
-    grad_beta = sum_dz if L.affine else None
     if not L.batch_stats:
         zero = torch.zeros_like(a)
         return a, zero, zero, grad_gamma, grad_beta
@@ -101,7 +103,8 @@ class ConvBNChainFunction(torch.autograd.Function):
     ``flat`` holds, per layer, ``(conv_weight, gamma, beta, running_mean, running_var)`` (gamma/beta
     None without affine, running stats None with batch statistics), then for ``shortcut="tensor"`` the
     residual, for ``"projection"`` ``(x_s, conv_weight_s, gamma_s, beta_s, running_mean_s,
-    running_var_s)``. Returned means/vars are the (synchronised) biased batch statistics of the layers
+    running_var_s)`` without ``x_s`` when ``spec.proj_on_x``. A tensor is never passed twice (the
+    identity shortcut and a projection of ``x`` refer to ``x``), as torch.compile requires. Returned means/vars are the (synchronised) biased batch statistics of the layers
     that use batch statistics (empty tensors for the others) — the caller updates running stats.
     """
 
@@ -127,8 +130,10 @@ class ConvBNChainFunction(torch.autograd.Function):
         ys_s = norm_s = None
         if spec.shortcut == "tensor":
             residual = rest[0]
+        elif spec.shortcut == "identity":
+            residual = x
         elif spec.shortcut == "projection":
-            xs, ws, gs, bs, rms, rvs = rest
+            xs, ws, gs, bs, rms, rvs = (x, *rest) if spec.proj_on_x else rest
             Ls = spec.shortcut_layer
             ys_s, mean_s, var_s = be.conv_stats(xs, ws, Ls.geom, None, stats=Ls.batch_stats)
             norm_s = _normaliser(ys_s, mean_s, var_s, gs, bs, rms, rvs, Ls, spec, be)
@@ -145,7 +150,7 @@ class ConvBNChainFunction(torch.autograd.Function):
         for n in norms:
             saved += n[:4]  # mean, invstd, scale, shift
         if spec.shortcut == "projection":
-            saved += [rest[0], rest[1], rest[2], ys_s, norm_s[0], norm_s[1]]
+            saved += [xs, ws, gs, ys_s, norm_s[0], norm_s[1]]
             ctx.counts.append(norm_s[4])
         ctx.save_for_backward(*saved)
         ctx.mark_non_differentiable(*stats_out)
@@ -182,26 +187,37 @@ class ConvBNChainFunction(torch.autograd.Function):
         a, b, d, gg, gb = _coefficients(sum_dz, sum_dz_xmu, mean, invstd, gammas[-1], count,
                                         spec.layers[-1], spec)
         _put_affine(grads, k - 1, gg, gb, None if gammas[-1] is None else gammas[-1].dtype)
-        res_idx = _PER_LAYER * k
+        res_idx = _PER_LAYER * k - (1 if spec.proj_on_x else 0)  # flat index of x_s (or the residual)
+        grad_identity = None
         if proj:
             ra, rb, rd, gg_s, gb_s = _coefficients(sum_dz, sum_dz_rmu, mean_s, invstd_s, gamma_s, count_s,
                                                    Ls, spec)
-            need_res = any(ctx.needs_input_grad[3 + res_idx:3 + res_idx + 2])
+            need_xs = ctx.needs_input_grad[2] if spec.proj_on_x else ctx.needs_input_grad[3 + res_idx]
+            need_ws = ctx.needs_input_grad[3 + res_idx + 1]
+            need_res = need_xs or need_ws
             gy, g_res = be.bn_act_backward_apply(grad_out, out, ys[-1], a, b, d, ys_s, ra, rb, rd,
                                                  spec.relu, need_res)
             if gg_s is not None:
                 grads[res_idx + 2] = gg_s.to(gamma_s.dtype)
                 grads[res_idx + 3] = gb_s.to(gamma_s.dtype)
             if need_res:
-                gxs, gws = be.conv_backward(g_res, xs, ws, Ls.geom, ctx.needs_input_grad[3 + res_idx],
-                                            ctx.needs_input_grad[3 + res_idx + 1])
-                grads[res_idx], grads[res_idx + 1] = gxs, gws
+                gxs, gws = be.conv_backward(g_res, xs, ws, Ls.geom, need_xs, need_ws)
+                grads[res_idx + 1] = gws
+                if spec.proj_on_x:
+                    grad_identity = gxs
+                else:
+                    grads[res_idx] = gxs
         else:
-            need_res = spec.shortcut == "tensor" and ctx.needs_input_grad[3 + res_idx]
+            if spec.shortcut == "tensor":
+                need_res = ctx.needs_input_grad[3 + res_idx]
+            else:
+                need_res = spec.shortcut == "identity" and ctx.needs_input_grad[2]
             gy, g_res = be.bn_act_backward_apply(grad_out, out, ys[-1], a, b, d, None, None, None, None,
                                                  spec.relu, need_res)
-            if need_res:
+            if need_res and spec.shortcut == "tensor":
                 grads[res_idx] = g_res
+            elif need_res:
+                grad_identity = g_res
 
         # -- conv_i backward, then the fused dReLU + dBN of layer i-1 -------------------------------
         grad_x = None
@@ -221,6 +237,8 @@ class ConvBNChainFunction(torch.autograd.Function):
                 del inp
             else:
                 g_inp, gw = be.conv_backward(gy, x, weights[0], L.geom, ctx.needs_input_grad[2], need_w)
+                if grad_identity is not None:
+                    g_inp = grad_identity if g_inp is None else g_inp + grad_identity
                 grad_x, gy_prev = g_inp, None
             grads[_PER_LAYER * i] = gw
             gy = gy_prev

@@ -43,6 +43,7 @@ class LazyKernel:
         k = self._cache.get(True)
         if k is None:
             from triton.runtime.interpreter import InterpretedFunction
+            _patch_interpreter_bf16_dot()
             k = self._cache[True] = InterpretedFunction(self.fn)
         return k
 
@@ -59,6 +60,39 @@ class LazyKernel:
 
     def __repr__(self):
         return f"LazyKernel({self.fn.__module__}.{self.fn.__name__})"
+
+
+_PATCHED = False
+
+
+def _patch_interpreter_bf16_dot():
+    """Triton's interpreter (3.6 and 3.9) stores bfloat16 as raw uint16 bits and feeds those bits to
+    ``np.matmul`` in ``tl.dot`` (garbage results). Widen bf16 operands to fp32 first — exact, since
+    bf16 is the top half of an fp32 and the GPU accumulates bf16 products in fp32 too. Interpreter
+    only; compiled kernels are untouched."""
+    global _PATCHED
+    if _PATCHED:
+        return
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter as _interp
+
+    builder = getattr(_interp, "InterpreterBuilder", None)
+    orig = getattr(builder, "create_dot", None)
+    if orig is None:
+        return
+
+    def widen(h):
+        if h.dtype.scalar == tl.bfloat16 or getattr(h.dtype, "name", "") == "bf16":
+            data = (h.data.astype(np.uint32) << np.uint32(16)).view(np.float32)
+            return _interp.TensorHandle(data, tl.float32)
+        return h
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        return orig(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
+
+    builder.create_dot = create_dot
+    _PATCHED = True
 
 
 def kernel(fn) -> LazyKernel:

@@ -1,0 +1,153 @@
+// resfuse::bn_act on CPU: out = act(input * scale[c] + shift[c] + R), one pass over the tensors.
+// NCHW is parallel over (n, c) planes with the channel's coefficients broadcast; NHWC is parallel
+// over rows of C values with the coefficients read as vectors. Output in input's layout.
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>
+
+#include <optional>
+
+#include "../common/checks.h"
+#include "../common/layout.h"
+#include "kernel_utils.h"
+
+namespace resfuse::cpu {
+namespace {
+
+// R in the formula: 0, residual, or residual * res_scale[c].
+enum class Residual { kNone, kAdd, kScaled };
+
+template <typename scalar_t>
+struct BnActParams {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* input;
+  const scalar_t* residual;  // null for Residual::kNone
+  const acc_t* scale;
+  const acc_t* shift;
+  const acc_t* res_scale;  // null unless Residual::kScaled
+  scalar_t* out;
+  int64_t N, C, HW;
+};
+
+template <bool kRelu, Residual kRes, typename Vec>
+inline Vec bn_act_math(const Vec& x, const Vec& scale, const Vec& shift, const Vec& r,
+                       const Vec& res_scale) {
+  Vec y = at::vec::fmadd(x, scale, shift);
+  if constexpr (kRes == Residual::kAdd) y = y + r;
+  if constexpr (kRes == Residual::kScaled) y = at::vec::fmadd(r, res_scale, y);
+  if constexpr (kRelu) y = at::vec::maximum(y, Vec(0));  // maximum propagates NaN
+  return y;
+}
+
+// out[i] for the k <= kStep elements at offset i; coefficients as vectors (already per lane).
+template <typename scalar_t, bool kRelu, Residual kRes>
+inline void bn_act_step(const BnActParams<scalar_t>& p, int64_t i, int64_t k,
+                        const typename VecIO<scalar_t>::Pack& scale,
+                        const typename VecIO<scalar_t>::Pack& shift,
+                        const typename VecIO<scalar_t>::Pack& res_scale) {
+  using IO = VecIO<scalar_t>;
+  const auto x = IO::load(p.input + i, k);
+  typename IO::Pack r{};
+  if constexpr (kRes != Residual::kNone) r = IO::load(p.residual + i, k);
+  typename IO::Pack y;
+  for (int64_t q = 0; q < IO::kParts; ++q) {
+    y[q] = bn_act_math<kRelu, kRes>(x[q], scale[q], shift[q], r[q], res_scale[q]);
+  }
+  IO::store(p.out + i, y, k);
+}
+
+template <typename scalar_t, bool kRelu, Residual kRes>
+void bn_act_nchw(const BnActParams<scalar_t>& p) {
+  using IO = VecIO<scalar_t>;
+  using Pack = typename IO::Pack;
+  const int64_t HW = p.HW;
+  const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(HW, 1));
+  at::parallel_for(0, p.N * p.C, grain, [&](int64_t plane0, int64_t plane1) {
+    for (int64_t plane = plane0; plane < plane1; ++plane) {
+      const int64_t c = plane % p.C;
+      Pack scale, shift, res_scale{};
+      scale.fill(typename IO::Vec(p.scale[c]));
+      shift.fill(typename IO::Vec(p.shift[c]));
+      if constexpr (kRes == Residual::kScaled) res_scale.fill(typename IO::Vec(p.res_scale[c]));
+      const int64_t base = plane * HW;
+      int64_t i = 0;
+      for (; i + IO::kStep <= HW; i += IO::kStep) {
+        bn_act_step<scalar_t, kRelu, kRes>(p, base + i, IO::kStep, scale, shift, res_scale);
+      }
+      if (i < HW) bn_act_step<scalar_t, kRelu, kRes>(p, base + i, HW - i, scale, shift, res_scale);
+    }
+  });
+}
+
+template <typename scalar_t, bool kRelu, Residual kRes>
+void bn_act_nhwc(const BnActParams<scalar_t>& p) {
+  using IO = VecIO<scalar_t>;
+  using Pack = typename IO::Pack;
+  const int64_t C = p.C;
+  const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(C, 1));
+  const auto run = [&](int64_t base, int64_t c, int64_t k) {
+    Pack res_scale{};
+    if constexpr (kRes == Residual::kScaled) res_scale = IO::load_acc(p.res_scale + c, k);
+    bn_act_step<scalar_t, kRelu, kRes>(p, base + c, k, IO::load_acc(p.scale + c, k),
+                                       IO::load_acc(p.shift + c, k), res_scale);
+  };
+  at::parallel_for(0, p.N * p.HW, grain, [&](int64_t row0, int64_t row1) {
+    for (int64_t row = row0; row < row1; ++row) {
+      const int64_t base = row * C;
+      int64_t c = 0;
+      for (; c + IO::kStep <= C; c += IO::kStep) run(base, c, IO::kStep);
+      if (c < C) run(base, c, C - c);
+    }
+  });
+}
+
+at::Tensor bn_act_cpu(const at::Tensor& input_, const at::Tensor& scale, const at::Tensor& shift,
+                      const std::optional<at::Tensor>& residual_,
+                      const std::optional<at::Tensor>& res_scale_, bool relu) {
+  check_bn_act_args(input_, scale, shift, residual_, res_scale_);
+  const Layout layout = layout_of(input_);
+  const at::Tensor input = to_layout(input_, layout);
+  const at::Tensor residual = residual_ ? to_layout(*residual_, layout) : at::Tensor();
+  const at::Tensor scale_c = scale.contiguous(), shift_c = shift.contiguous();
+  const at::Tensor res_scale = res_scale_ ? res_scale_->contiguous() : at::Tensor();
+  at::Tensor out = empty_in_layout(input, layout);
+  const Residual mode = !residual.defined()   ? Residual::kNone
+                        : res_scale.defined() ? Residual::kScaled
+                                              : Residual::kAdd;
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "resfuse::bn_act", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const BnActParams<scalar_t> p{
+        input.const_data_ptr<scalar_t>(),
+        residual.defined() ? residual.const_data_ptr<scalar_t>() : nullptr,
+        scale_c.const_data_ptr<acc_t>(),
+        shift_c.const_data_ptr<acc_t>(),
+        res_scale.defined() ? res_scale.const_data_ptr<acc_t>() : nullptr,
+        out.mutable_data_ptr<scalar_t>(),
+        input.size(0),
+        input.size(1),
+        input.size(2) * input.size(3)};
+    value_switch<false, true>(relu, [&](auto relu_c) {
+      value_switch<Residual::kNone, Residual::kAdd, Residual::kScaled>(mode, [&](auto mode_c) {
+        constexpr bool kRelu = decltype(relu_c)::value;
+        constexpr Residual kRes = decltype(mode_c)::value;
+        if (layout == Layout::NHWC) {
+          bn_act_nhwc<scalar_t, kRelu, kRes>(p);
+        } else {
+          bn_act_nchw<scalar_t, kRelu, kRes>(p);
+        }
+      });
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(resfuse, CPU, m) {
+  m.impl("bn_act", &bn_act_cpu);
+}
+
+}  // namespace resfuse::cpu

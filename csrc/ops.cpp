@@ -1,0 +1,53 @@
+// The resfuse operator library: one schema per op (docs/architecture.md is the contract). Kernels
+// are registered per backend in same-stem files: csrc/cpu/<op>.cpp (TORCH_LIBRARY_IMPL(resfuse, CPU))
+// and csrc/cuda/ (TORCH_LIBRARY_IMPL(resfuse, CUDA)); fake (meta) kernels for torch.compile are in
+// resfuse/ops/bn_act.py.
+
+#include <Python.h>
+#include <torch/library.h>
+
+// `import resfuse._C` only has to load this library so that the static registrations run; the
+// module itself is empty (no pybind11), so the library is built on the limited Python API (abi3).
+extern "C" {
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT,
+      "_C",  // name
+      nullptr,  // doc
+      -1,  // per-interpreter state size
+      nullptr,  // methods
+  };
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(resfuse, m) {
+  // Per-channel mean and biased variance of input [N, C, H, W] over N, H, W, as float32 [C]
+  // (float64 for float64 input). Numerically safe: chunked two-pass moments merged with Chan's
+  // formula, never raw sum/sum^2.
+  m.def("bn_stats(Tensor input) -> (Tensor mean, Tensor var)", {at::Tag::pt2_compliant_tag});
+
+  // out = act(input * scale[c] + shift[c] + R), R = residual * res_scale[c] | residual | 0,
+  // act = ReLU if relu else identity. NaN propagates. Output in input's memory format.
+  m.def(
+      "bn_act(Tensor input, Tensor scale, Tensor shift, Tensor? residual, Tensor? res_scale, "
+      "bool relu) -> Tensor",
+      {at::Tag::pt2_compliant_tag});
+
+  // With dz = grad_out masked by the ReLU of output (relu) or grad_out: per-channel sums
+  // sum_dz = sum(dz), sum_dz_xmu = sum(dz * (input - mean)), sum_dz_rmu = sum(dz * (residual -
+  // res_mean)) ([0]-shaped when residual is None).
+  m.def(
+      "bn_act_backward_reduce(Tensor grad_out, Tensor output, Tensor input, Tensor mean, "
+      "Tensor? residual, Tensor? res_mean, bool relu) "
+      "-> (Tensor sum_dz, Tensor sum_dz_xmu, Tensor sum_dz_rmu)",
+      {at::Tag::pt2_compliant_tag});
+
+  // grad_input = a[c] * dz + b[c] * input + d[c]; grad_residual = res_a[c] * dz + res_b[c] *
+  // residual + res_d[c] (res_a given) or dz (not given) when residual_grad, else a [0]-shaped tensor.
+  m.def(
+      "bn_act_backward_apply(Tensor grad_out, Tensor output, Tensor input, Tensor a, Tensor b, "
+      "Tensor d, Tensor? residual, Tensor? res_a, Tensor? res_b, Tensor? res_d, bool relu, "
+      "bool residual_grad) -> (Tensor grad_input, Tensor grad_residual)",
+      {at::Tag::pt2_compliant_tag});
+}

@@ -1,0 +1,123 @@
+"""The four primitive ops of ``docs/architecture.md`` as ``torch.ops.resfuse.*``: typed wrappers and
+the fake (meta) kernels that let ``torch.compile`` trace through them.
+
+Conventions shared by every op:
+
+* Activations (``input``, ``residual``, ``grad_out``, ``output``) are 4-D ``[N, C, H, W]`` tensors
+  of one dtype, float32, float64, bfloat16 or float16, on one device. The kernels run NCHW-contiguous
+  and channels_last tensors natively, in the memory format of ``input``; any other strides (a slice,
+  or an operand stored in the other format) are copied once to that format inside the op. Outputs are
+  dense in ``input``'s memory format.
+* Per-channel vectors (``scale``, ``shift``, ``mean``, ``a`` ...) and per-channel results are ``[C]``
+  float32, float64 when the activations are float64; statistics are accumulated in that dtype or
+  wider.
+* ``dz`` is ``grad_out`` where the forward ReLU passed (``output > 0``) and 0 elsewhere when
+  ``relu``, else ``grad_out`` (``output`` is then not read).
+
+The C++ kernels live in ``csrc/cpu/<op>.cpp`` and ``csrc/cuda/``; the plain-PyTorch equivalents
+(oracle and fallback) in :mod:`resfuse.reference.primitives`.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+from torch._prims_common import suggest_memory_format
+
+from .. import _extension
+
+__all__ = ["bn_stats", "bn_act", "bn_act_backward_reduce", "bn_act_backward_apply"]
+
+
+def _op(name: str):
+    if not _extension.LOADED:
+        raise RuntimeError(f"torch.ops.resfuse.{name} is unavailable: {_extension.ERROR}")
+    return getattr(torch.ops.resfuse, name).default
+
+
+def bn_stats(input: Tensor) -> Tuple[Tensor, Tensor]:
+    """Per-channel ``(mean, var)`` of ``input`` ``[N, C, H, W]`` over N, H and W.
+
+    ``var`` is the biased variance (divided by ``N*H*W``). Both are ``[C]`` float32 (float64 for
+    float64 input); NaN when ``N*H*W == 0``. Computed from chunked two-pass moments merged with
+    Chan's formula, so a large mean does not cost the variance its precision.
+    """
+    return _op("bn_stats")(input)
+
+
+def bn_act(input: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor] = None,
+           res_scale: Optional[Tensor] = None, relu: bool = True) -> Tensor:
+    """``act(input * scale[c] + shift[c] + R)`` in one pass.
+
+    ``R`` is ``residual * res_scale[c]`` when ``res_scale`` is given, ``residual`` when only
+    ``residual`` is, else 0; ``residual`` has the shape and dtype of ``input``. ``act`` is ReLU when
+    ``relu``, else the identity; NaN propagates through both. ``scale``, ``shift``, ``res_scale``
+    are ``[C]`` vectors. Returns a tensor like ``input`` in its memory format.
+    """
+    return _op("bn_act")(input, scale, shift, residual, res_scale, relu)
+
+
+def bn_act_backward_reduce(grad_out: Tensor, output: Tensor, input: Tensor, mean: Tensor,
+                           residual: Optional[Tensor] = None, res_mean: Optional[Tensor] = None,
+                           relu: bool = True) -> Tuple[Tensor, Tensor, Tensor]:
+    """Per-channel sums for the backward of :func:`bn_act`.
+
+    Returns ``(sum_dz, sum_dz_xmu, sum_dz_rmu)``: the sums over N, H, W of ``dz``,
+    ``dz * (input - mean[c])`` and ``dz * (residual - res_mean[c])``, each ``[C]`` (the last is an
+    empty ``[0]`` tensor when ``residual`` is None). ``residual`` and ``res_mean`` go together;
+    ``output`` is the forward output (read only when ``relu``).
+    """
+    return _op("bn_act_backward_reduce")(grad_out, output, input, mean, residual, res_mean, relu)
+
+
+def bn_act_backward_apply(grad_out: Tensor, output: Tensor, input: Tensor, a: Tensor, b: Tensor, d: Tensor,
+                          residual: Optional[Tensor] = None, res_a: Optional[Tensor] = None,
+                          res_b: Optional[Tensor] = None, res_d: Optional[Tensor] = None,
+                          relu: bool = True, residual_grad: bool = False) -> Tuple[Tensor, Tensor]:
+    """``(grad_input, grad_residual)`` for the backward of :func:`bn_act`, in one pass.
+
+    ``grad_input = a[c] * dz + b[c] * input + d[c]``. ``grad_residual`` is
+    ``res_a[c] * dz + res_b[c] * residual + res_d[c]`` when ``residual_grad`` and ``res_a`` is given
+    (``res_a``, ``res_b``, ``res_d`` go together and need ``residual``), ``dz`` when
+    ``residual_grad`` without ``res_a``, and an empty ``[0]`` tensor when not ``residual_grad``.
+    Both are like ``input``, in its memory format. The ``[C]`` coefficients encode train-mode,
+    eval-mode and synchronised BN alike (``docs/architecture.md``).
+    """
+    return _op("bn_act_backward_apply")(grad_out, output, input, a, b, d, residual, res_a, res_b, res_d,
+                                        relu, residual_grad)
+
+
+# ---- fake kernels: output metadata only (shapes, dtypes, memory format), for torch.compile ----------
+
+def _like_input(input: Tensor) -> Tensor:
+    """An empty activation like ``input``, dense in the memory format the kernels write."""
+    return torch.empty(input.shape, dtype=input.dtype, device=input.device,
+                       memory_format=suggest_memory_format(input))
+
+
+def _per_channel(input: Tensor, channels) -> Tensor:
+    dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
+    return input.new_empty((channels,), dtype=dtype)
+
+
+if _extension.LOADED:
+    @torch.library.register_fake("resfuse::bn_stats")
+    def _bn_stats_fake(input):
+        return _per_channel(input, input.shape[1]), _per_channel(input, input.shape[1])
+
+    @torch.library.register_fake("resfuse::bn_act")
+    def _bn_act_fake(input, scale, shift, residual, res_scale, relu):
+        return _like_input(input)
+
+    @torch.library.register_fake("resfuse::bn_act_backward_reduce")
+    def _bn_act_backward_reduce_fake(grad_out, output, input, mean, residual, res_mean, relu):
+        C = input.shape[1]
+        return (_per_channel(input, C), _per_channel(input, C),
+                _per_channel(input, C if residual is not None else 0))
+
+    @torch.library.register_fake("resfuse::bn_act_backward_apply")
+    def _bn_act_backward_apply_fake(grad_out, output, input, a, b, d, residual, res_a, res_b, res_d, relu,
+                                    residual_grad):
+        grad_residual = _like_input(input) if residual_grad else input.new_empty((0,))
+        return _like_input(input), grad_residual

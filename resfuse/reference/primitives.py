@@ -1,0 +1,102 @@
+"""The four primitive ops of ``docs/architecture.md`` in plain PyTorch.
+
+This is the oracle the kernels are tested against and the portable fallback backend. Each function
+computes in float64 and returns what the kernels return: activations in the input's dtype and
+memory format, per-channel results as float32 (float64 for float64 input). Argument meanings are
+documented once, in :mod:`resfuse.ops.bn_act`.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+from torch._prims_common import suggest_memory_format
+
+
+def _param_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _f64(t: Optional[Tensor]) -> Optional[Tensor]:
+    return None if t is None else t.to(torch.float64)
+
+
+def _channel(v: Tensor) -> Tensor:
+    """A ``[C]`` vector in float64, shaped to broadcast over ``[N, C, H, W]``."""
+    return v.to(torch.float64).view(1, -1, 1, 1)
+
+
+def _like(value: Tensor, input: Tensor) -> Tensor:
+    """``value`` in ``input``'s dtype, dense in the memory format the kernels write."""
+    return value.to(input.dtype).contiguous(memory_format=suggest_memory_format(input))
+
+
+def _relu_grad(grad_out: Tensor, output: Tensor, relu: bool) -> Tensor:
+    """dz in float64: ``grad_out`` where ``output > 0`` (0 elsewhere) when ``relu``, else ``grad_out``."""
+    g = grad_out.to(torch.float64)
+    if not relu:
+        return g
+    # The select of ATen's threshold_backward: output <= 0 → 0 (so NaN in grad_out is dropped there).
+    return torch.where(output <= 0, torch.zeros_like(g), g)
+
+
+def bn_stats(input: Tensor) -> Tuple[Tensor, Tensor]:
+    """Per-channel mean and biased variance over N, H, W (NaN for an empty reduction)."""
+    x = input.to(torch.float64)
+    count = x.shape[0] * x.shape[2] * x.shape[3]
+    if count == 0:
+        nan = x.new_full((x.shape[1],), float("nan"))
+        return nan.to(_param_dtype(input)), nan.to(_param_dtype(input))
+    mean = x.mean(dim=(0, 2, 3))
+    var = ((x - mean.view(1, -1, 1, 1)) ** 2).mean(dim=(0, 2, 3))
+    return mean.to(_param_dtype(input)), var.to(_param_dtype(input))
+
+
+def bn_act(input: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor] = None,
+           res_scale: Optional[Tensor] = None, relu: bool = True) -> Tensor:
+    """``act(input * scale[c] + shift[c] + R)``, R = ``residual * res_scale[c]`` | ``residual`` | 0."""
+    y = input.to(torch.float64) * _channel(scale) + _channel(shift)
+    if residual is not None:
+        r = residual.to(torch.float64)
+        y = y + (r * _channel(res_scale) if res_scale is not None else r)
+    if relu:
+        y = torch.relu(y)  # NaN stays NaN
+    return _like(y, input)
+
+
+def bn_act_backward_reduce(grad_out: Tensor, output: Tensor, input: Tensor, mean: Tensor,
+                           residual: Optional[Tensor] = None, res_mean: Optional[Tensor] = None,
+                           relu: bool = True) -> Tuple[Tensor, Tensor, Tensor]:
+    """Per-channel ``(sum dz, sum dz*(input - mean), sum dz*(residual - res_mean) | [0])``."""
+    if (residual is None) != (res_mean is None):
+        raise ValueError("bn_act_backward_reduce: residual and res_mean must be given together")
+    dz = _relu_grad(grad_out, output, relu)
+    dims = (0, 2, 3)
+    sum_dz = dz.sum(dims)
+    sum_dz_xmu = (dz * (input.to(torch.float64) - _channel(mean))).sum(dims)
+    if residual is not None:
+        sum_dz_rmu = (dz * (residual.to(torch.float64) - _channel(res_mean))).sum(dims)
+    else:
+        sum_dz_rmu = dz.new_empty((0,))
+    dtype = _param_dtype(input)
+    return sum_dz.to(dtype), sum_dz_xmu.to(dtype), sum_dz_rmu.to(dtype)
+
+
+def bn_act_backward_apply(grad_out: Tensor, output: Tensor, input: Tensor, a: Tensor, b: Tensor, d: Tensor,
+                          residual: Optional[Tensor] = None, res_a: Optional[Tensor] = None,
+                          res_b: Optional[Tensor] = None, res_d: Optional[Tensor] = None,
+                          relu: bool = True, residual_grad: bool = False) -> Tuple[Tensor, Tensor]:
+    """``(a*dz + b*input + d, res_a*dz + res_b*residual + res_d | dz | [0])`` with per-channel coefficients."""
+    dz = _relu_grad(grad_out, output, relu)
+    grad_input = _channel(a) * dz + _channel(b) * input.to(torch.float64) + _channel(d)
+    if not residual_grad:
+        grad_residual = input.new_empty((0,))
+    elif res_a is not None:
+        if residual is None or res_b is None or res_d is None:
+            raise ValueError("bn_act_backward_apply: res_a, res_b, res_d and residual must be given together")
+        grad_residual = _like(_channel(res_a) * dz + _channel(res_b) * residual.to(torch.float64)
+                              + _channel(res_d), input)
+    else:
+        grad_residual = _like(dz, input)
+    return _like(grad_input, input), grad_residual
