@@ -29,7 +29,7 @@ import copy
 
 import pytest
 import torch
-import torch._inductor.config  # noqa: F401  (Inductor freezing for the compiled eval peer)
+import torch._inductor.config  # Inductor freezing for the compiled eval peer
 import torch.nn.functional as F
 
 import resfuse

@@ -9,7 +9,8 @@
 # most 8 files, each stamped with device, driver, torch / triton / CUDA versions, git commit and date:
 #   session.json           stamp + every step's command, exit code, seconds and summary line
 #   build.log              pip install output
-#   gpu_tests.log/.json    pytest -m gpu over tests/ (JSON: counts and failures, from the JUnit XML)
+#   gpu_tests.log/.json    the CUDA backend's tests, then every other gpu-marked test (JSON: counts
+#                          and failures per step, from pytest's JUnit XML)
 #   sanitizer.log          compute-sanitizer memcheck, racecheck (shared memory) and initcheck
 #   bench.log/.json        pytest benchmarks/ -k gpu (pytest-benchmark JSON + the stamp)
 #   cuda_conv_timing.json  fused CUDA conv vs cuDNN conv (+ the separate BN passes it replaces)
@@ -95,7 +96,7 @@ step() {
   (cd "$SCRATCH" && timeout --kill-after=10 "$t" "$@") >>"$log" 2>&1
   rc=$?
   local summary
-  summary="$(grep -v '^# {' "$log" | grep -E '(passed|failed|error|skipped|no tests ran|ERROR SUMMARY)' | tail -1 | cut -c1-300)"
+  summary="$(grep -v -e '^# {' -e '^== ' "$log" | grep -E '(passed|failed|error|skipped|no tests ran|ERROR SUMMARY)' | tail -1 | cut -c1-300)"
   [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ] && summary="TIMEOUT after ${t}s; $summary"
   printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$rc" "$(( $(date +%s) - t0 ))" "$(echo "$*" | cut -c1-300)" "$summary" >>"$STEPS"
   echo "== $name: rc=$rc in $(( $(date +%s) - t0 ))s" | tee -a "$log"
@@ -111,12 +112,14 @@ for line in open(steps_file):
     name, rc, secs, cmd, summary = (line.rstrip("\n").split("\t") + [""] * 5)[:5]
     steps.append({"step": name, "rc": rc, "seconds": int(secs or 0), "command": cmd, "summary": summary})
 json.dump({"stamp": stamp, "total_seconds": total, "steps": steps}, open(f"{out}/session.json", "w"), indent=1)
-# JUnit XML of the GPU tests -> a short JSON: counts and the failures' messages
-try:
-    root = ET.parse(f"{out}/.gpu_tests.xml").getroot()
-except Exception:  # the step did not run or was killed before writing it
-    root = None
-if root is not None:
+# JUnit XML of the GPU test steps -> one short JSON: counts per step and the failures' messages
+report = {"stamp": stamp}
+for step_name, xml in (("cuda_tests", ".junit_cuda.xml"), ("other_gpu_tests", ".junit_other.xml")):
+    try:
+        root = ET.parse(f"{out}/{xml}").getroot()
+    except Exception:  # the step did not run, or was killed before pytest wrote its report
+        report[step_name] = "no JUnit report (step skipped or timed out): see gpu_tests.log"
+        continue
     counts, failures = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}, []
     for suite in root.iter("testsuite"):
         for k in counts:
@@ -127,8 +130,8 @@ if root is not None:
             if el is not None:
                 failures.append({"test": f"{case.get('classname')}::{case.get('name')}", "kind": kind,
                                  "message": (el.get("message") or "")[:500]})
-    json.dump({"stamp": stamp, "counts": counts, "failures": failures[:300]},
-              open(f"{out}/gpu_tests.json", "w"), indent=1)
+    report[step_name] = {"counts": counts, "failures": failures[:300]}
+json.dump(report, open(f"{out}/gpu_tests.json", "w"), indent=1)
 # pytest-benchmark JSON: add the stamp
 try:
     b = json.load(open(f"{out}/bench.json"))
@@ -138,7 +141,7 @@ except Exception:
     pass
 EOF
   )
-  rm -f "$OUT/.gpu_tests.xml"
+  rm -f "$OUT"/.junit_*.xml
   rm -rf "$SCRATCH"
   echo "gpu_session: done in $(( $(date +%s) - START ))s; results in $OUT"
 }
@@ -150,9 +153,10 @@ STAMP="$(stamp_json)"  # now with resfuse's build status
 step check_build 30 "$OUT/build.log" "$PYTHON" -c \
   "from resfuse import _extension as e; assert e.has_cuda_kernels(), e.ERROR or 'built without CUDA kernels'" || exit 1
 
-# 2. the GPU tests (ours and every other gpu-marked test)
-step gpu_tests 150 "$OUT/gpu_tests.log" "$PYTHON" -m pytest "$REPO/tests" -m gpu -q --tb=line -p no:cacheprovider \
-  --junitxml="$OUT/.gpu_tests.xml"
+# 2. the CUDA backend's tests first (they are quick and say whether the kernels are right)
+CUDA_TESTS=("$REPO/tests/test_cuda_ops.py" "$REPO/tests/test_cuda_backend.py")
+step cuda_tests 120 "$OUT/gpu_tests.log" "$PYTHON" -m pytest "${CUDA_TESTS[@]}" -q --tb=line -p no:cacheprovider \
+  --junitxml="$OUT/.junit_cuda.xml"
 
 # 3. fused CUDA conv vs cuDNN (+ the BN passes it replaces), ResNet-50 shapes, bfloat16 channels_last
 step conv_timing 50 "$OUT/bench.log" "$PYTHON" - "$OUT/cuda_conv_timing.json" "$STAMP" <<'EOF'
@@ -215,18 +219,22 @@ if [ -n "$SANITIZER" ]; then
   # errors (probing) are not reported
   SAN=("$SANITIZER" --error-exitcode 86 --print-limit 20 --report-api-errors no --kernel-name kns=resfuse)
   PYT=("$PYTHON" -m pytest "$REPO/tests/test_cuda_ops.py" -q --tb=line -p no:cacheprovider)
-  step memcheck 120 "$OUT/sanitizer.log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "${SAN[@]}" --tool memcheck \
+  step memcheck 100 "$OUT/sanitizer.log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "${SAN[@]}" --tool memcheck \
     "${PYT[@]}" -k "not large and not poison and (bfloat16 or float32)"
-  step racecheck 60 "$OUT/sanitizer.log" "${SAN[@]}" --tool racecheck \
+  step racecheck 50 "$OUT/sanitizer.log" "${SAN[@]}" --tool racecheck \
     "${PYT[@]}" -k "(conv_bias_act and 3x3-k24 and bias-relu) or (conv_stats and (1x1s2 or stem)) or (bn_stats and nhwc and 40)"
-  step initcheck 40 "$OUT/sanitizer.log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "${SAN[@]}" --tool initcheck \
+  step initcheck 35 "$OUT/sanitizer.log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "${SAN[@]}" --tool initcheck \
     "${PYT[@]}" -k "not large and not poison and bfloat16 and (conv_stats or bn_stats or backward_reduce) and nhwc"
 else
   printf 'sanitizer\t127\t0\tcompute-sanitizer\tcompute-sanitizer not found on PATH or in /usr/local/cuda/bin\n' >>"$STEPS"
 fi
 
-# 5. benchmarks marked/named gpu
-step bench 60 "$OUT/bench.log" "$PYTHON" -m pytest "$REPO/benchmarks" -k gpu -q -p no:cacheprovider \
+# 5. every other gpu-marked test (Triton kernels, models, ...)
+step other_gpu_tests 90 "$OUT/gpu_tests.log" "$PYTHON" -m pytest "$REPO/tests" -m gpu -q --tb=line -p no:cacheprovider \
+  --ignore="${CUDA_TESTS[0]}" --ignore="${CUDA_TESTS[1]}" --junitxml="$OUT/.junit_other.xml"
+
+# 6. benchmarks marked/named gpu
+step bench 45 "$OUT/bench.log" "$PYTHON" -m pytest "$REPO/benchmarks" -k gpu -q -p no:cacheprovider \
   --benchmark-json="$OUT/bench.json"
 
 exit 0

@@ -61,7 +61,9 @@ if not __package__ and __name__ in ("__main__", "__mp_main__") and "resfuse" not
         _pkg = types.ModuleType(_name)
         _pkg.__path__ = [str(_path)]
         sys.modules[_name] = _pkg
-CUDA_DIR = ROOT / "csrc" / "cuda"
+# the checkout's csrc/cuda; an installed resfuse (site-packages) has none: then ./csrc/cuda, if any
+CUDA_DIR = Path(os.environ.get("RESFUSE_CUDA_DIR") or (
+    ROOT / "csrc" / "cuda" if (ROOT / "csrc" / "cuda").is_dir() else Path.cwd() / "csrc" / "cuda"))
 CACHE_VERSION = 3
 
 # ------------------------------------------------------------------------------------------------
@@ -392,7 +394,7 @@ def _cuda_worker(args):
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / (path.stem + ".cubin")
         cmd = [nvcc, "-cubin", f"-arch={_CUDA_ARCH[arch]}", "-Xptxas", "-v", "-std=c++17", "-O3", "-lineinfo",
-               "--keep", "--keep-dir", tmp, "-I", str(ROOT / "csrc"), "-I", str(CUDA_DIR), "-o", str(cubin),
+               "--keep", "--keep-dir", tmp, "-I", str(CUDA_DIR.parent), "-I", str(CUDA_DIR), "-o", str(cubin),
                str(path)] + os.environ.get("RESFUSE_AOT_NVCC_FLAGS", "").split()
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:
@@ -435,7 +437,7 @@ def _cuda_worker(args):
 
 def _cuda_source_hash(path: Path) -> str:
     h = hashlib.sha256(path.read_bytes())
-    for d in (ROOT / "csrc" / "common", CUDA_DIR):
+    for d in (CUDA_DIR.parent / "common", CUDA_DIR):
         if d.is_dir():
             for f in sorted(d.iterdir()):
                 if f.suffix in (".h", ".cuh", ".hpp", ".inl"):
@@ -646,7 +648,8 @@ def run(archs, pattern=None, extra=(), jobs=None, use_cache=True, with_cuda=True
             r.update(status="FAIL", error="nvcc not found (set NVCC, or pass --no-cuda)")
             cuda_rows[j] = [r]
             continue
-        key = _key("cuda", str(p.name), a, _cuda_source_hash(p), nvcc_ver, os.environ.get("RESFUSE_AOT_NVCC_FLAGS", ""))
+        key = _key("cuda", str(p.name), a, _cuda_source_hash(p), nvcc_ver, os.environ.get("RESFUSE_AOT_NVCC_FLAGS", ""),
+                   hashlib.sha256(Path(__file__).read_bytes()).hexdigest())  # parsing lives here
         hit = _cache_get(key) if use_cache else None
         if hit is not None:
             cuda_rows[j] = hit

@@ -426,30 +426,35 @@ def test_layout_helper_converts_once():
 # -- training: the same loss curve as eager ---------------------------------------------------------------
 @pytest.mark.slow
 def test_training_loss_curve_matches_eager():
-    """20 SGD steps (momentum, fresh random batch each step): the fused model's loss curve follows
-    eager fp32 within fp32 error, measured against a float64 run of the same model: the fused error is
-    at most a few times eager fp32's own error (plus a small floor)."""
+    """20 SGD steps (momentum 0.9, one fixed batch: a smooth, non-chaotic trajectory): the fused
+    model's loss curve follows eager fp32 within fp32 error. Every curve is measured against a float64
+    run of the same model; the fused curve may deviate at most 3x as much as eager fp32 does (NCHW or
+    channels_last, whichever deviates more: oneDNN's NCHW and NHWC kernels sum in different orders,
+    and which one lands closer to float64 on a given run is luck).
+    (On random labels with fresh batches, or with BN over 1x1 maps at batch 8, training is chaotic:
+    eager fp32 itself leaves the float64 curve by 10-40 % within 10 steps, and so does any other
+    summation order — such curves test nothing. The whole-model, 112x112 version of this check is
+    ``python benchmarks/bench_cpu.py curve``.)"""
     torch.manual_seed(0)
-    ref = reference.resnet18(num_classes=10)
-    ref64 = copy.deepcopy(ref).double()
-    fused = models.resnet18(num_classes=10)
+    ref = reference.cifar_resnet(20, shortcut="B")
+    fused = models.cifar_resnet(20, shortcut="B")
     fused.load_state_dict(ref.state_dict())
     layout.channels_last(fused)
-    nets = {"eager": ref, "fused": fused, "f64": ref64}
-    opts = {k: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for k, m in nets.items()}
+    nets = {"eager": ref, "eager_cl": copy.deepcopy(ref).to(memory_format=CL), "fused": fused,
+            "f64": copy.deepcopy(ref).double()}
+    opts = {k: torch.optim.SGD(m.parameters(), lr=0.002, momentum=0.9) for k, m in nets.items()}
     g = torch.Generator().manual_seed(1)
+    x = torch.randn(8, 3, 16, 16, generator=g)
+    y = torch.randint(0, 10, (8,), generator=g)
     curve = {k: [] for k in nets}
     with resfuse.use_backend("cpu"):
-        for step in range(20):
-            x = torch.randn(8, 3, 32, 32, generator=g)
-            y = torch.randint(0, 10, (8,), generator=g)
+        for _ in range(20):
             for k, m in nets.items():
                 loss = F.cross_entropy(m(x.double() if k == "f64" else x), y)
                 opts[k].zero_grad()
                 loss.backward()
                 opts[k].step()
                 curve[k].append(loss.item())
-    for i in range(20):
-        e_eager = abs(curve["eager"][i] - curve["f64"][i])
-        e_fused = abs(curve["fused"][i] - curve["f64"][i])
-        assert e_fused <= 4 * e_eager + 2e-5 * abs(curve["f64"][i]), (i, curve)
+    assert curve["f64"][-1] < 0.5 * curve["f64"][0]  # it trained
+    err = {k: max(abs(a - b) for a, b in zip(curve[k], curve["f64"])) for k in ("eager", "eager_cl", "fused")}
+    assert err["fused"] <= 3 * max(err["eager"], err["eager_cl"]) + 1e-5, (err, curve)

@@ -115,7 +115,7 @@ def test_basic_block_chain(dtype, train, channels_last, proj):
         variants[name] = run(xin, ls, sc, "plain" if name != "cuda" else "cuda")
     assert backends.last_used().get("conv_bn_chain") == "cuda"
 
-    (out, grads, mods), (p_out, p_grads, _), (t_out, t_grads, t_mods) = (
+    (out, grads, mods), (p_out, p_grads, p_mods), (t_out, t_grads, t_mods) = (
         variants["cuda"], variants["plain"], variants["truth"])
     assert out.dtype == dtype
     if channels_last:
@@ -129,9 +129,13 @@ def test_basic_block_chain(dtype, train, channels_last, proj):
         for i, (a, p, e) in enumerate(zip(grads, p_grads, t_grads)):
             assert_error_ratio(a, p, e, k=3, name=f"grad {i}", floor=2e-2, l2=True)
     if train:
-        for (c, b), (c64, b64) in zip(mods, t_mods):
-            assert_close_ref(b.running_mean, b64.running_mean, torch.float32, rtol=1e-4, name="running_mean")
-            assert_close_ref(b.running_var, b64.running_var, torch.float32, rtol=1e-4, name="running_var")
+        for (_, b), (_, bp), (_, b64) in zip(mods, p_mods, t_mods):
+            for stat in ("running_mean", "running_var"):
+                ours, plain, truth = getattr(b, stat), getattr(bp, stat), getattr(b64, stat)
+                if dtype == torch.float32:
+                    assert_close_ref(ours, truth, torch.float32, rtol=1e-4, name=stat)
+                else:  # batch statistics of 16-bit conv outputs: as close as plain PyTorch's
+                    assert_error_ratio(ours, plain, truth, k=3, name=stat, floor=2e-2, l2=True)
 
 
 def test_fused_conv_is_used_for_bf16_channels_last():

@@ -21,8 +21,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import resfuse
 from resfuse import backends
 from resfuse.models.rir import rir_cifar
-from resfuse.nn.rir import (GeneralizedResidualLayer, RiRBlock, decay_toward_targets, partial_identity,
-                            rir_param_groups)
+from resfuse.nn.rir import GeneralizedResidualLayer, RiRBlock, decay_toward_targets, partial_identity, rir_param_groups
 from resfuse.reference import rir as R
 from resfuse.testing import assert_close_ref, assert_error_ratio, rand_activation, tolerance
 
@@ -236,9 +235,12 @@ def test_model_matches_reference(backend, identity_in_weight):
     fused = randomize(rir_cifar(width=2, identity_in_weight=identity_in_weight)).double()
     ref = R.load_from_fused(R.rir_cifar_ref(width=2).double(), fused)
     x = rand_activation((2, 3, 8, 8), torch.float64)
-    ident = lambda t: t  # noqa: E731
-    compare(backend, fused, ref, x, ident, ident, dtype=torch.float64)
-    compare(backend, fused, ref, x, ident, ident, dtype=torch.float64, train=False, grad=False)
+    compare(backend, fused, ref, x, _same, _same, dtype=torch.float64)
+    compare(backend, fused, ref, x, _same, _same, dtype=torch.float64, train=False, grad=False)
+
+
+def _same(t):
+    return t
 
 
 def test_load_round_trip():

@@ -62,7 +62,7 @@ def test_bn_stats_empty_is_nan():
 RES = [None, "plain", "scaled"]
 
 
-@pytest.mark.parametrize("shape", SHAPES[:3], ids=str)
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[2]], ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("cl", [True, False], ids=["nhwc", "nchw"])
 @pytest.mark.parametrize("res", RES, ids=str)
@@ -87,7 +87,7 @@ def test_bn_act_nan_propagates_through_relu():
     assert torch.isnan(y[0, 1, 1, 1]) and not torch.isnan(y).sum().item() > 1
 
 
-@pytest.mark.parametrize("shape", SHAPES[:3], ids=str)
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[2]], ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("cl", [True, False], ids=["nhwc", "nchw"])
 @pytest.mark.parametrize("res", [False, True], ids=["nores", "res"])
@@ -109,7 +109,7 @@ def test_bn_backward_reduce(shape, dtype, cl, res):
                 assert_close_ref(a, e.double(), torch.float32, rtol=2e-5, name=name)
 
 
-@pytest.mark.parametrize("shape", SHAPES[:3], ids=str)
+@pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[2]], ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("cl", [True, False], ids=["nhwc", "nchw"])
 @pytest.mark.parametrize("mode", ["none", "dz", "affine", "dz-nores"])

@@ -31,76 +31,65 @@ struct BnActParams {
   int64_t N, C, HW;
 };
 
-template <bool kRelu, Residual kRes, typename Vec>
-inline Vec bn_act_math(const Vec& x, const Vec& scale, const Vec& shift, const Vec& r,
-                       const Vec& res_scale) {
-  Vec y = at::vec::fmadd(x, scale, shift);
-  if constexpr (kRes == Residual::kAdd) y = y + r;
-  if constexpr (kRes == Residual::kScaled) y = at::vec::fmadd(r, res_scale, y);
-  if constexpr (kRelu) y = at::vec::maximum(y, Vec(0));  // maximum propagates NaN
-  return y;
-}
-
-// out[i] for the k <= kStep elements at offset i; coefficients as vectors (already per lane).
+// out for the k <= kStep elements at offset i, given the coefficients of their channels.
 template <typename scalar_t, bool kRelu, Residual kRes>
-inline void bn_act_step(const BnActParams<scalar_t>& p, int64_t i, int64_t k,
-                        const typename VecIO<scalar_t>::Pack& scale,
-                        const typename VecIO<scalar_t>::Pack& shift,
-                        const typename VecIO<scalar_t>::Pack& res_scale) {
+C10_ALWAYS_INLINE void bn_act_step(const BnActParams<scalar_t>& p, int64_t i, int64_t k,
+                                   const typename VecIO<scalar_t>::Pack& scale,
+                                   const typename VecIO<scalar_t>::Pack& shift,
+                                   const typename VecIO<scalar_t>::Pack& res_scale) {
   using IO = VecIO<scalar_t>;
   const auto x = IO::load(p.input + i, k);
-  typename IO::Pack r{};
+  typename IO::Pack r{}, y;
   if constexpr (kRes != Residual::kNone) r = IO::load(p.residual + i, k);
-  typename IO::Pack y;
   for (int64_t q = 0; q < IO::kParts; ++q) {
-    y[q] = bn_act_math<kRelu, kRes>(x[q], scale[q], shift[q], r[q], res_scale[q]);
+    y[q] = at::vec::fmadd(x[q], scale[q], shift[q]);
+    if constexpr (kRes == Residual::kAdd) y[q] = y[q] + r[q];
+    if constexpr (kRes == Residual::kScaled) y[q] = at::vec::fmadd(r[q], res_scale[q], y[q]);
+    if constexpr (kRelu) y[q] = at::vec::maximum(y[q], typename IO::Vec(0));  // propagates NaN
   }
   IO::store(p.out + i, y, k);
 }
 
+// NHWC: the k <= kStep channels [c, c + k) of the row at offset `row`, coefficients read as vectors.
 template <typename scalar_t, bool kRelu, Residual kRes>
-void bn_act_nchw(const BnActParams<scalar_t>& p) {
+C10_ALWAYS_INLINE void bn_act_row_step(const BnActParams<scalar_t>& p, int64_t row, int64_t c,
+                                       int64_t k) {
   using IO = VecIO<scalar_t>;
-  using Pack = typename IO::Pack;
-  const int64_t HW = p.HW;
-  const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(HW, 1));
-  at::parallel_for(0, p.N * p.C, grain, [&](int64_t plane0, int64_t plane1) {
-    for (int64_t plane = plane0; plane < plane1; ++plane) {
-      const int64_t c = plane % p.C;
-      Pack scale, shift, res_scale{};
-      scale.fill(typename IO::Vec(p.scale[c]));
-      shift.fill(typename IO::Vec(p.shift[c]));
-      if constexpr (kRes == Residual::kScaled) res_scale.fill(typename IO::Vec(p.res_scale[c]));
-      const int64_t base = plane * HW;
-      int64_t i = 0;
-      for (; i + IO::kStep <= HW; i += IO::kStep) {
-        bn_act_step<scalar_t, kRelu, kRes>(p, base + i, IO::kStep, scale, shift, res_scale);
-      }
-      if (i < HW) bn_act_step<scalar_t, kRelu, kRes>(p, base + i, HW - i, scale, shift, res_scale);
-    }
-  });
+  typename IO::Pack res_scale{};
+  if constexpr (kRes == Residual::kScaled) res_scale = IO::load_acc(p.res_scale + c, k);
+  bn_act_step<scalar_t, kRelu, kRes>(p, row + c, k, IO::load_acc(p.scale + c, k),
+                                     IO::load_acc(p.shift + c, k), res_scale);
 }
 
+// NCHW planes [plane0, plane1): the channel's coefficients are broadcast over the plane.
 template <typename scalar_t, bool kRelu, Residual kRes>
-void bn_act_nhwc(const BnActParams<scalar_t>& p) {
+void bn_act_planes(const BnActParams<scalar_t> p, int64_t plane0, int64_t plane1) {
   using IO = VecIO<scalar_t>;
-  using Pack = typename IO::Pack;
-  const int64_t C = p.C;
-  const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(C, 1));
-  const auto run = [&](int64_t base, int64_t c, int64_t k) {
-    Pack res_scale{};
-    if constexpr (kRes == Residual::kScaled) res_scale = IO::load_acc(p.res_scale + c, k);
-    bn_act_step<scalar_t, kRelu, kRes>(p, base + c, k, IO::load_acc(p.scale + c, k),
-                                       IO::load_acc(p.shift + c, k), res_scale);
-  };
-  at::parallel_for(0, p.N * p.HW, grain, [&](int64_t row0, int64_t row1) {
-    for (int64_t row = row0; row < row1; ++row) {
-      const int64_t base = row * C;
-      int64_t c = 0;
-      for (; c + IO::kStep <= C; c += IO::kStep) run(base, c, IO::kStep);
-      if (c < C) run(base, c, C - c);
+  using Vec = typename IO::Vec;
+  for (int64_t plane = plane0; plane < plane1; ++plane) {
+    const int64_t c = plane % p.C;
+    typename IO::Pack scale, shift, res_scale{};
+    scale.fill(Vec(p.scale[c]));
+    shift.fill(Vec(p.shift[c]));
+    if constexpr (kRes == Residual::kScaled) res_scale.fill(Vec(p.res_scale[c]));
+    const int64_t base = plane * p.HW;
+    int64_t i = 0;
+    for (; i + IO::kStep <= p.HW; i += IO::kStep) {
+      bn_act_step<scalar_t, kRelu, kRes>(p, base + i, IO::kStep, scale, shift, res_scale);
     }
-  });
+    if (i < p.HW) bn_act_step<scalar_t, kRelu, kRes>(p, base + i, p.HW - i, scale, shift, res_scale);
+  }
+}
+
+// NHWC rows [row0, row1) of C values.
+template <typename scalar_t, bool kRelu, Residual kRes>
+void bn_act_rows(const BnActParams<scalar_t> p, int64_t row0, int64_t row1) {
+  using IO = VecIO<scalar_t>;
+  for (int64_t row = row0 * p.C; row < row1 * p.C; row += p.C) {
+    int64_t c = 0;
+    for (; c + IO::kStep <= p.C; c += IO::kStep) bn_act_row_step<scalar_t, kRelu, kRes>(p, row, c, IO::kStep);
+    if (c < p.C) bn_act_row_step<scalar_t, kRelu, kRes>(p, row, c, p.C - c);
+  }
 }
 
 at::Tensor bn_act_cpu(const at::Tensor& input_, const at::Tensor& scale, const at::Tensor& shift,
@@ -134,9 +123,13 @@ at::Tensor bn_act_cpu(const at::Tensor& input_, const at::Tensor& scale, const a
         constexpr bool kRelu = decltype(relu_c)::value;
         constexpr Residual kRes = decltype(mode_c)::value;
         if (layout == Layout::NHWC) {
-          bn_act_nhwc<scalar_t, kRelu, kRes>(p);
+          at::parallel_for(0, p.N * p.HW, grain_for(p.C), [&](int64_t row0, int64_t row1) {
+            bn_act_rows<scalar_t, kRelu, kRes>(p, row0, row1);
+          });
         } else {
-          bn_act_nchw<scalar_t, kRelu, kRes>(p);
+          at::parallel_for(0, p.N * p.C, grain_for(p.HW), [&](int64_t plane0, int64_t plane1) {
+            bn_act_planes<scalar_t, kRelu, kRes>(p, plane0, plane1);
+          });
         }
       });
     });

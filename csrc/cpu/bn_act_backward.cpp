@@ -33,7 +33,7 @@ namespace {
 constexpr int64_t kFlush = 2048;
 
 template <bool kRelu, typename Vec>
-inline Vec relu_grad(const Vec& grad, const Vec& output) {
+C10_ALWAYS_INLINE Vec relu_grad(const Vec& grad, const Vec& output) {
   if constexpr (kRelu) {
     return Vec::blendv(grad, Vec(0), output <= Vec(0));
   } else {
@@ -58,18 +58,17 @@ struct ReduceParams {
   int64_t N, C, HW;
 };
 
-// Vector accumulators of the three sums.
-template <typename Vec>
+// Lane sums of dz, dz * (x - mean) and dz * (r - res_mean).
+template <typename scalar_t>
 struct Sums {
-  Vec dz{0}, xmu{0}, rmu{0};
+  typename VecIO<scalar_t>::Pack dz{}, xmu{}, rmu{};
 };
 
-// Adds the k <= kStep elements at offset i to `s` (mean/res_mean already broadcast or per lane).
+// Adds the k <= kStep elements at offset i to `s`, given the means of their channels.
 template <typename scalar_t, bool kRelu, bool kRes>
-inline void reduce_step(const ReduceParams<scalar_t>& p, int64_t i, int64_t k,
-                        const typename VecIO<scalar_t>::Pack& mean,
-                        const typename VecIO<scalar_t>::Pack& res_mean,
-                        std::array<Sums<typename VecIO<scalar_t>::Vec>, VecIO<scalar_t>::kParts>& s) {
+C10_ALWAYS_INLINE void reduce_step(const ReduceParams<scalar_t>& p, int64_t i, int64_t k,
+                                   const typename VecIO<scalar_t>::Pack& mean,
+                                   const typename VecIO<scalar_t>::Pack& res_mean, Sums<scalar_t>& s) {
   using IO = VecIO<scalar_t>;
   const auto g = IO::load(p.grad_out + i, k);
   const auto x = IO::load(p.input + i, k);
@@ -79,111 +78,117 @@ inline void reduce_step(const ReduceParams<scalar_t>& p, int64_t i, int64_t k,
   for (int64_t q = 0; q < IO::kParts; ++q) {
     // Lanes past k load zero everywhere, so dz = 0 there and they add nothing.
     const auto dz = relu_grad<kRelu>(g[q], o[q]);
-    s[q].dz += dz;
-    s[q].xmu = at::vec::fmadd(dz, x[q] - mean[q], s[q].xmu);
-    if constexpr (kRes) s[q].rmu = at::vec::fmadd(dz, r[q] - res_mean[q], s[q].rmu);
+    s.dz[q] += dz;
+    s.xmu[q] = at::vec::fmadd(dz, x[q] - mean[q], s.xmu[q]);
+    if constexpr (kRes) s.rmu[q] = at::vec::fmadd(dz, r[q] - res_mean[q], s.rmu[q]);
+  }
+}
+
+// NCHW channels [c0, c1): each channel walks its N planes; lane sums are flushed into double
+// totals every kFlush values.
+template <typename scalar_t, bool kRelu, bool kRes>
+void reduce_channels(const ReduceParams<scalar_t> p, int64_t c0, int64_t c1) {
+  using IO = VecIO<scalar_t>;
+  using Vec = typename IO::Vec;
+  using acc_t = typename IO::acc_t;
+  for (int64_t c = c0; c < c1; ++c) {
+    typename IO::Pack mean, res_mean{};
+    mean.fill(Vec(p.mean[c]));
+    if constexpr (kRes) res_mean.fill(Vec(p.res_mean[c]));
+    Sums<scalar_t> s;
+    double totals[3] = {0, 0, 0};
+    int64_t pending = 0;
+    const auto flush = [&] {
+      const auto plus = [](const Vec& a, const Vec& b) { return a + b; };
+      for (int64_t q = 0; q < IO::kParts; ++q) {
+        totals[0] += at::vec::vec_reduce_all<acc_t>(plus, s.dz[q]);
+        totals[1] += at::vec::vec_reduce_all<acc_t>(plus, s.xmu[q]);
+        if constexpr (kRes) totals[2] += at::vec::vec_reduce_all<acc_t>(plus, s.rmu[q]);
+      }
+      s = Sums<scalar_t>{};
+      pending = 0;
+    };
+    for (int64_t n = 0; n < p.N; ++n) {
+      const int64_t base = (n * p.C + c) * p.HW;
+      int64_t i = 0;
+      for (; i + IO::kStep <= p.HW; i += IO::kStep) {
+        reduce_step<scalar_t, kRelu, kRes>(p, base + i, IO::kStep, mean, res_mean, s);
+        if ((pending += IO::kStep) >= kFlush) flush();
+      }
+      if (i < p.HW) {
+        reduce_step<scalar_t, kRelu, kRes>(p, base + i, p.HW - i, mean, res_mean, s);
+        pending += IO::kStep;
+      }
+    }
+    flush();
+    p.sum_dz[c] = acc_t(totals[0]);
+    p.sum_dz_xmu[c] = acc_t(totals[1]);
+    if constexpr (kRes) p.sum_dz_rmu[c] = acc_t(totals[2]);
+  }
+}
+
+// kSums sums per channel: dz and dz*(x - mean), and dz*(r - res_mean) with a residual.
+template <bool kRes>
+constexpr int64_t kSums = kRes ? 3 : 2;
+
+// NHWC: adds channels [c, c + k) of the row at offset `row` to the chunk's per-channel lane sums
+// acc (kSums rows of C values).
+template <typename scalar_t, bool kRelu, bool kRes>
+C10_ALWAYS_INLINE void reduce_row_step(const ReduceParams<scalar_t>& p, at::opmath_type<scalar_t>* acc,
+                                       int64_t row, int64_t c, int64_t k) {
+  using IO = VecIO<scalar_t>;
+  const int64_t C = p.C;
+  Sums<scalar_t> s{IO::load_acc(acc + c, k), IO::load_acc(acc + C + c, k), {}};
+  typename IO::Pack res_mean{};
+  if constexpr (kRes) {
+    s.rmu = IO::load_acc(acc + 2 * C + c, k);
+    res_mean = IO::load_acc(p.res_mean + c, k);
+  }
+  reduce_step<scalar_t, kRelu, kRes>(p, row + c, k, IO::load_acc(p.mean + c, k), res_mean, s);
+  IO::store_acc(acc + c, s.dz, k);
+  IO::store_acc(acc + C + c, s.xmu, k);
+  if constexpr (kRes) IO::store_acc(acc + 2 * C + c, s.rmu, k);
+}
+
+// NHWC row blocks [b0, b1) of `blocks`: block b adds its kSums x C sums into partial[b].
+template <typename scalar_t, bool kRelu, bool kRes>
+void reduce_blocks(const ReduceParams<scalar_t> p, const RowBlocks blocks, double* partial,
+                   int64_t b0, int64_t b1) {
+  using IO = VecIO<scalar_t>;
+  using acc_t = typename IO::acc_t;
+  const int64_t C = p.C;
+  std::vector<acc_t> chunk(kSums<kRes> * C);  // lane sums of the current chunk of rows
+  for (int64_t b = b0; b < b1; ++b) {
+    double* part = partial + b * kSums<kRes> * C;
+    for (int64_t r0 = blocks.begin(b); r0 < blocks.end(b); r0 += blocks.chunk_rows) {
+      const int64_t r1 = std::min(blocks.end(b), r0 + blocks.chunk_rows);
+      std::fill(chunk.begin(), chunk.end(), acc_t(0));
+      for (int64_t row = r0 * C; row < r1 * C; row += C) {
+        int64_t c = 0;
+        for (; c + IO::kStep <= C; c += IO::kStep) {
+          reduce_row_step<scalar_t, kRelu, kRes>(p, chunk.data(), row, c, IO::kStep);
+        }
+        if (c < C) reduce_row_step<scalar_t, kRelu, kRes>(p, chunk.data(), row, c, C - c);
+      }
+      for (int64_t j = 0; j < kSums<kRes> * C; ++j) part[j] += double(chunk[j]);
+    }
   }
 }
 
 template <typename scalar_t, bool kRelu, bool kRes>
-void reduce_nchw(const ReduceParams<scalar_t>& p) {
-  using IO = VecIO<scalar_t>;
-  using Vec = typename IO::Vec;
-  using acc_t = typename IO::acc_t;
-  const int64_t HW = p.HW;
-  const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(p.N * HW, 1));
-  at::parallel_for(0, p.C, grain, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      typename IO::Pack mean, res_mean{};
-      mean.fill(Vec(p.mean[c]));
-      if constexpr (kRes) res_mean.fill(Vec(p.res_mean[c]));
-      std::array<Sums<Vec>, IO::kParts> s{};
-      double total_dz = 0, total_xmu = 0, total_rmu = 0;
-      int64_t pending = 0;
-      const auto flush = [&] {
-        const auto plus = [](const Vec& a, const Vec& b) { return a + b; };
-        for (int64_t q = 0; q < IO::kParts; ++q) {
-          total_dz += at::vec::vec_reduce_all<acc_t>(plus, s[q].dz);
-          total_xmu += at::vec::vec_reduce_all<acc_t>(plus, s[q].xmu);
-          if constexpr (kRes) total_rmu += at::vec::vec_reduce_all<acc_t>(plus, s[q].rmu);
-          s[q] = Sums<Vec>{};
-        }
-        pending = 0;
-      };
-      for (int64_t n = 0; n < p.N; ++n) {
-        const int64_t base = (n * p.C + c) * HW;
-        int64_t i = 0;
-        for (; i + IO::kStep <= HW; i += IO::kStep) {
-          reduce_step<scalar_t, kRelu, kRes>(p, base + i, IO::kStep, mean, res_mean, s);
-          if ((pending += IO::kStep) >= kFlush) flush();
-        }
-        if (i < HW) {
-          reduce_step<scalar_t, kRelu, kRes>(p, base + i, HW - i, mean, res_mean, s);
-          pending += IO::kStep;
-        }
-      }
-      flush();
-      p.sum_dz[c] = acc_t(total_dz);
-      p.sum_dz_xmu[c] = acc_t(total_xmu);
-      if constexpr (kRes) p.sum_dz_rmu[c] = acc_t(total_rmu);
-    }
-  });
-}
-
-template <typename scalar_t, bool kRelu, bool kRes>
 void reduce_nhwc(const ReduceParams<scalar_t>& p) {
-  using IO = VecIO<scalar_t>;
-  using acc_t = typename IO::acc_t;
+  using acc_t = at::opmath_type<scalar_t>;
   const int64_t C = p.C;
   const RowBlocks blocks(p.N * p.HW, C);
-  constexpr int64_t kSums = kRes ? 3 : 2;
-  // Per block: kSums rows of C double partials.
-  std::vector<double> partial(blocks.count * kSums * C, 0.0);
+  std::vector<double> partial(blocks.count * kSums<kRes> * C, 0.0);
   at::parallel_for(0, blocks.count, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<acc_t> chunk(kSums * C);  // lane sums of the current chunk of rows
-    acc_t* cdz = chunk.data();
-    acc_t* cxmu = cdz + C;
-    acc_t* crmu = kRes ? cxmu + C : nullptr;
-    for (int64_t b = b0; b < b1; ++b) {
-      double* part = partial.data() + b * kSums * C;
-      for (int64_t r0 = blocks.begin(b); r0 < blocks.end(b); r0 += blocks.chunk_rows) {
-        const int64_t r1 = std::min(blocks.end(b), r0 + blocks.chunk_rows);
-        std::fill(chunk.begin(), chunk.end(), acc_t(0));
-        for (int64_t row = r0; row < r1; ++row) {
-          const auto run = [&](int64_t c, int64_t k) {
-            std::array<Sums<typename IO::Vec>, IO::kParts> s;
-            const auto dz0 = IO::load_acc(cdz + c, k), xmu0 = IO::load_acc(cxmu + c, k);
-            typename IO::Pack rmu0{}, res_mean{};
-            if constexpr (kRes) {
-              rmu0 = IO::load_acc(crmu + c, k);
-              res_mean = IO::load_acc(p.res_mean + c, k);
-            }
-            for (int64_t q = 0; q < IO::kParts; ++q) s[q] = {dz0[q], xmu0[q], rmu0[q]};
-            reduce_step<scalar_t, kRelu, kRes>(p, row * C + c, k, IO::load_acc(p.mean + c, k),
-                                               res_mean, s);
-            typename IO::Pack dz1, xmu1, rmu1;
-            for (int64_t q = 0; q < IO::kParts; ++q) {
-              dz1[q] = s[q].dz;
-              xmu1[q] = s[q].xmu;
-              rmu1[q] = s[q].rmu;
-            }
-            IO::store_acc(cdz + c, dz1, k);
-            IO::store_acc(cxmu + c, xmu1, k);
-            if constexpr (kRes) IO::store_acc(crmu + c, rmu1, k);
-          };
-          int64_t c = 0;
-          for (; c + IO::kStep <= C; c += IO::kStep) run(c, IO::kStep);
-          if (c < C) run(c, C - c);
-        }
-        for (int64_t j = 0; j < kSums * C; ++j) part[j] += double(chunk[j]);
-      }
-    }
+    reduce_blocks<scalar_t, kRelu, kRes>(p, blocks, partial.data(), b0, b1);
   });
-  acc_t* outs[3] = {p.sum_dz, p.sum_dz_xmu, p.sum_dz_rmu};
-  for (int64_t j = 0; j < kSums; ++j) {
+  acc_t* const outs[3] = {p.sum_dz, p.sum_dz_xmu, p.sum_dz_rmu};
+  for (int64_t j = 0; j < kSums<kRes>; ++j) {
     for (int64_t c = 0; c < C; ++c) {
       double total = 0;
-      for (int64_t b = 0; b < blocks.count; ++b) total += partial[(b * kSums + j) * C + c];
+      for (int64_t b = 0; b < blocks.count; ++b) total += partial[(b * kSums<kRes> + j) * C + c];
       outs[j][c] = acc_t(total);
     }
   }
@@ -228,7 +233,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_backward_reduce_cpu(
         if (layout == Layout::NHWC) {
           reduce_nhwc<scalar_t, kRelu, kRes>(p);
         } else {
-          reduce_nchw<scalar_t, kRelu, kRes>(p);
+          at::parallel_for(0, p.C, grain_for(p.N * p.HW), [&](int64_t c0, int64_t c1) {
+            reduce_channels<scalar_t, kRelu, kRes>(p, c0, c1);
+          });
         }
       });
     });
@@ -259,15 +266,16 @@ struct ApplyParams {
   int64_t N, C, HW;
 };
 
-// The six per-channel coefficients of one vector step.
-template <typename Pack>
+// The per-channel coefficients of one vector step.
+template <typename scalar_t>
 struct Coefs {
-  Pack a, b, d, res_a, res_b, res_d;
+  typename VecIO<scalar_t>::Pack a, b, d, res_a, res_b, res_d;
 };
 
+// grad_input (and grad_residual) for the k <= kStep elements at offset i.
 template <typename scalar_t, bool kRelu, ResidualGrad kRg>
-inline void apply_step(const ApplyParams<scalar_t>& p, int64_t i, int64_t k,
-                       const Coefs<typename VecIO<scalar_t>::Pack>& w) {
+C10_ALWAYS_INLINE void apply_step(const ApplyParams<scalar_t>& p, int64_t i, int64_t k,
+                                  const Coefs<scalar_t>& w) {
   using IO = VecIO<scalar_t>;
   const auto g = IO::load(p.grad_out + i, k);
   const auto x = IO::load(p.input + i, k);
@@ -286,57 +294,54 @@ inline void apply_step(const ApplyParams<scalar_t>& p, int64_t i, int64_t k,
   if constexpr (kRg != ResidualGrad::kNone) IO::store(p.grad_residual + i, gr, k);
 }
 
+// NHWC: channels [c, c + k) of the row at offset `row`, coefficients read as vectors.
 template <typename scalar_t, bool kRelu, ResidualGrad kRg>
-void apply_nchw(const ApplyParams<scalar_t>& p) {
+C10_ALWAYS_INLINE void apply_row_step(const ApplyParams<scalar_t>& p, int64_t row, int64_t c, int64_t k) {
   using IO = VecIO<scalar_t>;
-  using Vec = typename IO::Vec;
-  const int64_t HW = p.HW;
-  const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(HW, 1));
-  at::parallel_for(0, p.N * p.C, grain, [&](int64_t plane0, int64_t plane1) {
-    for (int64_t plane = plane0; plane < plane1; ++plane) {
-      const int64_t c = plane % p.C;
-      Coefs<typename IO::Pack> w{};
-      w.a.fill(Vec(p.a[c]));
-      w.b.fill(Vec(p.b[c]));
-      w.d.fill(Vec(p.d[c]));
-      if constexpr (kRg == ResidualGrad::kAffine) {
-        w.res_a.fill(Vec(p.res_a[c]));
-        w.res_b.fill(Vec(p.res_b[c]));
-        w.res_d.fill(Vec(p.res_d[c]));
-      }
-      const int64_t base = plane * HW;
-      int64_t i = 0;
-      for (; i + IO::kStep <= HW; i += IO::kStep) apply_step<scalar_t, kRelu, kRg>(p, base + i, IO::kStep, w);
-      if (i < HW) apply_step<scalar_t, kRelu, kRg>(p, base + i, HW - i, w);
-    }
-  });
+  Coefs<scalar_t> w{};
+  w.a = IO::load_acc(p.a + c, k);
+  w.b = IO::load_acc(p.b + c, k);
+  w.d = IO::load_acc(p.d + c, k);
+  if constexpr (kRg == ResidualGrad::kAffine) {
+    w.res_a = IO::load_acc(p.res_a + c, k);
+    w.res_b = IO::load_acc(p.res_b + c, k);
+    w.res_d = IO::load_acc(p.res_d + c, k);
+  }
+  apply_step<scalar_t, kRelu, kRg>(p, row + c, k, w);
 }
 
+// NCHW planes [plane0, plane1): the channel's coefficients are broadcast over the plane.
 template <typename scalar_t, bool kRelu, ResidualGrad kRg>
-void apply_nhwc(const ApplyParams<scalar_t>& p) {
+void apply_planes(const ApplyParams<scalar_t> p, int64_t plane0, int64_t plane1) {
   using IO = VecIO<scalar_t>;
-  const int64_t C = p.C;
-  const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(C, 1));
-  const auto run = [&](int64_t base, int64_t c, int64_t k) {
-    Coefs<typename IO::Pack> w{};
-    w.a = IO::load_acc(p.a + c, k);
-    w.b = IO::load_acc(p.b + c, k);
-    w.d = IO::load_acc(p.d + c, k);
+  using Vec = typename IO::Vec;
+  for (int64_t plane = plane0; plane < plane1; ++plane) {
+    const int64_t c = plane % p.C;
+    Coefs<scalar_t> w{};
+    w.a.fill(Vec(p.a[c]));
+    w.b.fill(Vec(p.b[c]));
+    w.d.fill(Vec(p.d[c]));
     if constexpr (kRg == ResidualGrad::kAffine) {
-      w.res_a = IO::load_acc(p.res_a + c, k);
-      w.res_b = IO::load_acc(p.res_b + c, k);
-      w.res_d = IO::load_acc(p.res_d + c, k);
+      w.res_a.fill(Vec(p.res_a[c]));
+      w.res_b.fill(Vec(p.res_b[c]));
+      w.res_d.fill(Vec(p.res_d[c]));
     }
-    apply_step<scalar_t, kRelu, kRg>(p, base + c, k, w);
-  };
-  at::parallel_for(0, p.N * p.HW, grain, [&](int64_t row0, int64_t row1) {
-    for (int64_t row = row0; row < row1; ++row) {
-      const int64_t base = row * C;
-      int64_t c = 0;
-      for (; c + IO::kStep <= C; c += IO::kStep) run(base, c, IO::kStep);
-      if (c < C) run(base, c, C - c);
-    }
-  });
+    const int64_t base = plane * p.HW;
+    int64_t i = 0;
+    for (; i + IO::kStep <= p.HW; i += IO::kStep) apply_step<scalar_t, kRelu, kRg>(p, base + i, IO::kStep, w);
+    if (i < p.HW) apply_step<scalar_t, kRelu, kRg>(p, base + i, p.HW - i, w);
+  }
+}
+
+// NHWC rows [row0, row1) of C values.
+template <typename scalar_t, bool kRelu, ResidualGrad kRg>
+void apply_rows(const ApplyParams<scalar_t> p, int64_t row0, int64_t row1) {
+  using IO = VecIO<scalar_t>;
+  for (int64_t row = row0 * p.C; row < row1 * p.C; row += p.C) {
+    int64_t c = 0;
+    for (; c + IO::kStep <= p.C; c += IO::kStep) apply_row_step<scalar_t, kRelu, kRg>(p, row, c, IO::kStep);
+    if (c < p.C) apply_row_step<scalar_t, kRelu, kRg>(p, row, c, p.C - c);
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor> bn_act_backward_apply_cpu(
@@ -388,9 +393,13 @@ std::tuple<at::Tensor, at::Tensor> bn_act_backward_apply_cpu(
         constexpr bool kRelu = decltype(relu_c)::value;
         constexpr ResidualGrad kRg = decltype(mode_c)::value;
         if (layout == Layout::NHWC) {
-          apply_nhwc<scalar_t, kRelu, kRg>(p);
+          at::parallel_for(0, p.N * p.HW, grain_for(p.C), [&](int64_t row0, int64_t row1) {
+            apply_rows<scalar_t, kRelu, kRg>(p, row0, row1);
+          });
         } else {
-          apply_nchw<scalar_t, kRelu, kRg>(p);
+          at::parallel_for(0, p.N * p.C, grain_for(p.HW), [&](int64_t plane0, int64_t plane1) {
+            apply_planes<scalar_t, kRelu, kRg>(p, plane0, plane1);
+          });
         }
       });
     });

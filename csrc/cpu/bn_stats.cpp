@@ -58,7 +58,7 @@ struct Moments {
 
 // Mean and M2 of n <= kChunk contiguous acc_t values, by two passes.
 template <typename acc_t>
-std::pair<acc_t, acc_t> chunk_moments(const acc_t* v, int64_t n) {
+C10_ALWAYS_INLINE std::pair<acc_t, acc_t> chunk_moments(const acc_t* v, int64_t n) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t W = Vec::size();
   Vec s0(0), s1(0), s2(0), s3(0);
@@ -106,98 +106,125 @@ void to_acc(const scalar_t* src, int64_t n, at::opmath_type<scalar_t>* dst) {
   }
 }
 
+// NCHW channels [c0, c1) of x [N, C, HW]: each channel walks its N planes in chunks.
 template <typename scalar_t>
-void bn_stats_nchw(const scalar_t* x, int64_t N, int64_t C, int64_t HW,
-                   at::opmath_type<scalar_t>* mean, at::opmath_type<scalar_t>* var) {
+void stats_channels(const scalar_t* x, int64_t N, int64_t C, int64_t HW,
+                    at::opmath_type<scalar_t>* mean, at::opmath_type<scalar_t>* var, int64_t c0,
+                    int64_t c1) {
   using acc_t = at::opmath_type<scalar_t>;
   // A chunk is `group` whole planes of one channel when planes are small (gathered into buf), else
   // a piece of one plane of at most kChunk values.
   const int64_t seg = std::min(HW, kChunk);
   const int64_t group = HW >= kChunk / 4 ? 1 : kChunk / std::max<int64_t>(HW, 1);
-  const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(N * HW, 1));
-  at::parallel_for(0, C, grain, [&](int64_t c0, int64_t c1) {
-    std::vector<acc_t> buf(kChunk);
-    for (int64_t c = c0; c < c1; ++c) {
-      Moments m;
-      for (int64_t n0 = 0; n0 < N; n0 += group) {
-        const int64_t planes = std::min(group, N - n0);
-        for (int64_t i = 0; i < HW; i += seg) {
-          const int64_t len = std::min(seg, HW - i);
-          const acc_t* vals = buf.data();
-          if (planes == 1 && !VecIO<scalar_t>::kReduced) {
-            vals = reinterpret_cast<const acc_t*>(x + (n0 * C + c) * HW + i);
-          } else {
-            for (int64_t p = 0; p < planes; ++p) {
-              to_acc(x + ((n0 + p) * C + c) * HW + i, len, buf.data() + p * len);
-            }
+  std::vector<acc_t> buf(kChunk);
+  for (int64_t c = c0; c < c1; ++c) {
+    Moments m;
+    for (int64_t n0 = 0; n0 < N; n0 += group) {
+      const int64_t planes = std::min(group, N - n0);
+      for (int64_t i = 0; i < HW; i += seg) {
+        const int64_t len = std::min(seg, HW - i);
+        const acc_t* vals = buf.data();
+        if (planes == 1 && !VecIO<scalar_t>::kReduced) {
+          vals = reinterpret_cast<const acc_t*>(x + (n0 * C + c) * HW + i);
+        } else {
+          for (int64_t q = 0; q < planes; ++q) {
+            to_acc(x + ((n0 + q) * C + c) * HW + i, len, buf.data() + q * len);
           }
-          const auto [chunk_mean, chunk_m2] = chunk_moments(vals, planes * len);
-          m.merge(double(planes * len), chunk_mean, chunk_m2);
+        }
+        const auto [chunk_mean, chunk_m2] = chunk_moments(vals, planes * len);
+        m.merge(double(planes * len), chunk_mean, chunk_m2);
+      }
+    }
+    const auto [mu, v] = m.mean_var();
+    mean[c] = acc_t(mu);
+    var[c] = acc_t(v);
+  }
+}
+
+// NHWC: per-channel sums over the rows [r0, r1) of x [M, C] for the kSteps vector steps of
+// channels from c (all full but the last, which has k_last <= kStep channels), written to out: of x
+// when kSquares is false, else of (x - mean[c])^2. Going down a column block keeps the sums in
+// registers.
+template <typename scalar_t, bool kSquares, int64_t kSteps>
+C10_ALWAYS_INLINE void column_sums(const scalar_t* x, int64_t C, int64_t r0, int64_t r1, int64_t c,
+                                   int64_t k_last, const at::opmath_type<scalar_t>* mean,
+                                   at::opmath_type<scalar_t>* out) {
+  using IO = VecIO<scalar_t>;
+  constexpr int64_t S = IO::kStep;
+  const auto width = [&](int64_t j) { return j == kSteps - 1 ? k_last : S; };
+  std::array<typename IO::Pack, kSteps> sum{}, mu{};
+  if constexpr (kSquares) {
+    for (int64_t j = 0; j < kSteps; ++j) mu[j] = IO::load_acc(mean + c + j * S, width(j));
+  }
+  for (const scalar_t* px = x + r0 * C + c; px < x + r1 * C + c; px += C) {
+    for (int64_t j = 0; j < kSteps; ++j) {
+      // Lanes past the width load zero in both x and mean, so they add nothing.
+      const auto v = IO::load(px + j * S, width(j));
+      for (int64_t q = 0; q < IO::kParts; ++q) {
+        if constexpr (kSquares) {
+          const auto d = v[q] - mu[j][q];
+          sum[j][q] = at::vec::fmadd(d, d, sum[j][q]);
+        } else {
+          sum[j][q] += v[q];
         }
       }
-      const auto [mu, v] = m.mean_var();
-      mean[c] = acc_t(mu);
-      var[c] = acc_t(v);
     }
-  });
+  }
+  for (int64_t j = 0; j < kSteps; ++j) IO::store_acc(out + c + j * S, sum[j], width(j));
+}
+
+// column_sums over all C channels, in blocks of 4 acc_t vectors (a 32-channel block in float).
+template <typename scalar_t, bool kSquares>
+void row_sums(const scalar_t* x, int64_t C, int64_t r0, int64_t r1,
+              const at::opmath_type<scalar_t>* mean, at::opmath_type<scalar_t>* out) {
+  using IO = VecIO<scalar_t>;
+  constexpr int64_t S = IO::kStep, kBlock = 8 / IO::kParts;
+  int64_t c = 0;
+  for (; c + kBlock * S <= C; c += kBlock * S) {
+    column_sums<scalar_t, kSquares, kBlock>(x, C, r0, r1, c, S, mean, out);
+  }
+  for (; c < C; c += S) column_sums<scalar_t, kSquares, 1>(x, C, r0, r1, c, std::min(S, C - c), mean, out);
+}
+
+// NHWC row blocks [b0, b1) of x [M, C]: block b leaves its per-channel mean and M2 in
+// block_mean[b], block_m2[b].
+template <typename scalar_t>
+void stats_blocks(const scalar_t* x, int64_t C, const RowBlocks blocks, double* block_mean,
+                  double* block_m2, int64_t b0, int64_t b1) {
+  using acc_t = at::opmath_type<scalar_t>;
+  std::vector<acc_t> chunk_mean(C), chunk_m2(C);
+  for (int64_t b = b0; b < b1; ++b) {
+    double* bmean = block_mean + b * C;
+    double* bm2 = block_m2 + b * C;
+    double done = 0;
+    for (int64_t r0 = blocks.begin(b); r0 < blocks.end(b); r0 += blocks.chunk_rows) {
+      const int64_t r1 = std::min(blocks.end(b), r0 + blocks.chunk_rows);
+      const acc_t rows = acc_t(r1 - r0);
+      // Two passes over the chunk (the second from cache): per-channel means, then M2.
+      row_sums<scalar_t, false>(x, C, r0, r1, nullptr, chunk_mean.data());
+      for (int64_t c = 0; c < C; ++c) chunk_mean[c] /= rows;
+      row_sums<scalar_t, true>(x, C, r0, r1, chunk_mean.data(), chunk_m2.data());
+      // Chan merge of the chunk into the block's partials.
+      const double total = done + double(rows);
+      const double w_new = double(rows) / total, w_cross = done / total * double(rows);
+      for (int64_t c = 0; c < C; ++c) {
+        const double delta = double(chunk_mean[c]) - bmean[c];
+        bmean[c] += delta * w_new;
+        bm2[c] += double(chunk_m2[c]) + delta * delta * w_cross;
+      }
+      done = total;
+    }
+  }
 }
 
 template <typename scalar_t>
 void bn_stats_nhwc(const scalar_t* x, int64_t M, int64_t C, at::opmath_type<scalar_t>* mean,
                    at::opmath_type<scalar_t>* var) {
-  using IO = VecIO<scalar_t>;
-  using acc_t = typename IO::acc_t;
+  using acc_t = at::opmath_type<scalar_t>;
   const RowBlocks blocks(M, C);
   std::vector<double> block_mean(blocks.count * C, 0.0), block_m2(blocks.count * C, 0.0);
   at::parallel_for(0, blocks.count, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<acc_t> chunk_mean(C), chunk_m2(C);
-    for (int64_t b = b0; b < b1; ++b) {
-      double* bmean = block_mean.data() + b * C;
-      double* bm2 = block_m2.data() + b * C;
-      double done = 0;
-      for (int64_t r0 = blocks.begin(b); r0 < blocks.end(b); r0 += blocks.chunk_rows) {
-        const int64_t r1 = std::min(blocks.end(b), r0 + blocks.chunk_rows);
-        // Pass 1: per-channel sums of the chunk's rows, then their means.
-        std::fill(chunk_mean.begin(), chunk_mean.end(), acc_t(0));
-        for (int64_t r = r0; r < r1; ++r) {
-          const scalar_t* row = x + r * C;
-          for (int64_t c = 0; c < C; c += IO::kStep) {
-            const int64_t k = std::min(IO::kStep, C - c);
-            const auto v = IO::load(row + c, k);
-            auto s = IO::load_acc(chunk_mean.data() + c, k);
-            for (int64_t p = 0; p < IO::kParts; ++p) s[p] += v[p];
-            IO::store_acc(chunk_mean.data() + c, s, k);
-          }
-        }
-        const acc_t rows = acc_t(r1 - r0);
-        for (int64_t c = 0; c < C; ++c) chunk_mean[c] /= rows;
-        // Pass 2: per-channel sums of squared deviations from the chunk mean.
-        std::fill(chunk_m2.begin(), chunk_m2.end(), acc_t(0));
-        for (int64_t r = r0; r < r1; ++r) {
-          const scalar_t* row = x + r * C;
-          for (int64_t c = 0; c < C; c += IO::kStep) {
-            const int64_t k = std::min(IO::kStep, C - c);
-            const auto v = IO::load(row + c, k);
-            const auto mu = IO::load_acc(chunk_mean.data() + c, k);
-            auto q = IO::load_acc(chunk_m2.data() + c, k);
-            for (int64_t p = 0; p < IO::kParts; ++p) {
-              const auto d = v[p] - mu[p];
-              q[p] = at::vec::fmadd(d, d, q[p]);
-            }
-            IO::store_acc(chunk_m2.data() + c, q, k);
-          }
-        }
-        // Chan merge of the chunk into the block's partials.
-        const double total = done + double(rows);
-        const double w_new = double(rows) / total, w_cross = done / total * double(rows);
-        for (int64_t c = 0; c < C; ++c) {
-          const double delta = double(chunk_mean[c]) - bmean[c];
-          bmean[c] += delta * w_new;
-          bm2[c] += double(chunk_m2[c]) + delta * delta * w_cross;
-        }
-        done = total;
-      }
-    }
+    stats_blocks(x, C, blocks, block_mean.data(), block_m2.data(), b0, b1);
   });
   for (int64_t c = 0; c < C; ++c) {
     Moments m;
@@ -224,7 +251,11 @@ std::tuple<at::Tensor, at::Tensor> bn_stats_cpu(const at::Tensor& input_) {
     if (layout == Layout::NHWC) {
       bn_stats_nhwc(x, N * HW, C, mean.mutable_data_ptr<acc_t>(), var.mutable_data_ptr<acc_t>());
     } else {
-      bn_stats_nchw(x, N, C, HW, mean.mutable_data_ptr<acc_t>(), var.mutable_data_ptr<acc_t>());
+      acc_t* const mu = mean.mutable_data_ptr<acc_t>();
+      acc_t* const v = var.mutable_data_ptr<acc_t>();
+      at::parallel_for(0, C, grain_for(N * HW), [&](int64_t c0, int64_t c1) {
+        stats_channels(x, N, C, HW, mu, v, c0, c1);
+      });
     }
   });
   return {mean, var};

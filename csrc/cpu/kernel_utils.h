@@ -5,6 +5,7 @@
 #include <ATen/OpMathType.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#include <c10/macros/Macros.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
@@ -17,6 +18,18 @@ using at::vec::Vectorized;
 
 // Elements of work below which a parallel range is not split further.
 constexpr int64_t kGrainElems = 32768;
+
+// at::parallel_for grain for items (planes, rows, channels) of `elems` elements each.
+inline int64_t grain_for(int64_t elems) {
+  return std::max<int64_t>(1, kGrainElems / std::max<int64_t>(elems, 1));
+}
+
+// Conventions of the kernels in this folder, both for the compiler's sake:
+// * the function looping over a parallel range takes its parameter struct by value: a local copy,
+//   which the output stores provably do not alias, so its pointers stay in registers (through a
+//   reference the compiler reloads them after every store);
+// * the per-vector-step functions are C10_ALWAYS_INLINE: otherwise GCC may keep a step out of line
+//   and pass its vectors through memory.
 
 // Calls f(std::integral_constant<T, v>{}) for the v among Values... that equals `value`, so that a
 // runtime flag or mode becomes a compile-time constant inside f:
@@ -40,7 +53,7 @@ struct VecIO {
   using Pack = std::array<Vec, kParts>;
 
   // n <= kStep values from p; lanes past n are zero.
-  static Pack load(const scalar_t* p, int64_t n = kStep) {
+  static C10_ALWAYS_INLINE Pack load(const scalar_t* p, int64_t n = kStep) {
     if constexpr (kReduced) {
       auto [lo, hi] = at::vec::convert_to_float<scalar_t>(Vectorized<scalar_t>::loadu(p, n));
       return {lo, hi};
@@ -50,7 +63,7 @@ struct VecIO {
   }
 
   // The first n <= kStep lanes of v to p (rounded to scalar_t).
-  static void store(scalar_t* p, const Pack& v, int64_t n = kStep) {
+  static C10_ALWAYS_INLINE void store(scalar_t* p, const Pack& v, int64_t n = kStep) {
     if constexpr (kReduced) {
       at::vec::convert_from_float<scalar_t>(v[0], v[1]).store(p, n);
     } else {
@@ -59,7 +72,7 @@ struct VecIO {
   }
 
   // n <= kStep values of a per-channel acc_t vector, shaped like load(); lanes past n are zero.
-  static Pack load_acc(const acc_t* p, int64_t n = kStep) {
+  static C10_ALWAYS_INLINE Pack load_acc(const acc_t* p, int64_t n = kStep) {
     Pack v;
     for (int64_t k = 0; k < kParts; ++k) {
       const int64_t m = std::clamp<int64_t>(n - k * Vec::size(), 0, Vec::size());
@@ -68,7 +81,7 @@ struct VecIO {
     return v;
   }
 
-  static void store_acc(acc_t* p, const Pack& v, int64_t n = kStep) {
+  static C10_ALWAYS_INLINE void store_acc(acc_t* p, const Pack& v, int64_t n = kStep) {
     for (int64_t k = 0; k < kParts; ++k) {
       const int64_t m = std::clamp<int64_t>(n - k * Vec::size(), 0, Vec::size());
       if (m > 0) v[k].store(p + k * Vec::size(), m);

@@ -26,7 +26,7 @@ namespace resfuse::cuda {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kMinRowsPerThread = 4;  // a reduction block is only launched if each thread gets >= 4 rows
+constexpr int kMinRowsPerThread = 4;  // the row splits G are capped so that each thread gets >= 4 rows
 
 // Per-block partial results: ws[(part * G + block) * C + channel].
 template <typename Acc> __device__ __forceinline__ Acc& partial(Acc* ws, int part, int64_t G, int64_t C,

@@ -12,7 +12,7 @@ tensors); :func:`resfuse.reference.rir.load_from_fused` copies this model into i
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn

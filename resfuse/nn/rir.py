@@ -36,8 +36,6 @@ i.e. one autograd node, like a ResNet BasicBlock:
 """
 from __future__ import annotations
 
-from typing import List, Optional
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -90,7 +88,7 @@ class GeneralizedResidualLayer(nn.Module):
     """
 
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1, shortcut: str = "auto",
-                 identity_in_weight: bool = False, eps: float = 1e-5, momentum: Optional[float] = 0.1) -> None:
+                 identity_in_weight: bool = False, eps: float = 1e-5, momentum: float | None = 0.1) -> None:
         super().__init__()
         self.in_channels, self.out_channels, self.stride = in_channels, out_channels, stride
         self.shortcut_kind = resolve_shortcut(shortcut, in_channels, out_channels, stride)
@@ -139,13 +137,13 @@ class GeneralizedResidualLayer(nn.Module):
             extra = F.pad(extra, (1, 1, 1, 1, 0, i, 0, o))
         return w + extra
 
-    def decay_target(self) -> Optional[torch.Tensor]:
+    def decay_target(self) -> torch.Tensor | None:
         """The constant that ``conv.weight`` should decay toward: ``P`` in the literal form (the
         parameter holds ``W_cat + P``), ``None`` (i.e. zero) otherwise."""
         return self.identity if self.identity_in_weight else None
 
     @torch.no_grad()
-    def set_identity_in_weight(self, enabled: bool = True) -> "GeneralizedResidualLayer":
+    def set_identity_in_weight(self, enabled: bool = True) -> GeneralizedResidualLayer:
         """Switch between the two forms in place, without changing the function.
 
         * ``enabled=True``: the literal form, where ``conv.weight += P``.
@@ -160,7 +158,7 @@ class GeneralizedResidualLayer(nn.Module):
         self.identity_in_weight = enabled
         return self
 
-    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         return RF.conv_bn_chain(x, ((self.conv, self.bn),), residual, True, weights=_overrides([self]))
 
     def extra_repr(self) -> str:
@@ -229,7 +227,7 @@ class RiRBlock(nn.Module):
             + [GeneralizedResidualLayer(out_channels, out_channels, 1, shortcut, identity_in_weight)
                for _ in range(layers - 1)])
 
-    def outer(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+    def outer(self, x: torch.Tensor) -> torch.Tensor | None:
         """The outer shortcut of the block input ``x``: ``None``, or a tensor of the block output's shape."""
         if self.outer_shortcut == "none":
             return None
@@ -252,7 +250,7 @@ class RiRBlock(nn.Module):
         return f"{self.in_channels}, {self.out_channels}, stride={self.stride}, outer_shortcut={self.outer_shortcut!r}"
 
 
-def _overrides(layers) -> Optional[List[torch.Tensor]]:
+def _overrides(layers) -> list[torch.Tensor] | None:
     """The ``weights=`` of a fused chain over ``layers``. ``None`` when every effective weight is the
     parameter itself (literal form, or no shortcut); then inference reuses the functional's cached
     BN-folded weights."""
@@ -260,7 +258,7 @@ def _overrides(layers) -> Optional[List[torch.Tensor]]:
     return None if all(w is layer.conv.weight for w, layer in zip(ws, layers)) else ws
 
 
-def rir_param_groups(model: nn.Module, weight_decay: float) -> List[dict]:
+def rir_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Optimizer parameter groups that give L2 weight decay ``weight_decay`` to ``W_cat`` in both
     ResNet-Init forms.
 

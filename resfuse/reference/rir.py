@@ -37,7 +37,6 @@ Convolutions get He ("MSR") initialisation. The fan-in is that of the summed pre
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -45,7 +44,7 @@ from torch import Tensor, nn
 from .cifar import ZeroPadShortcut
 from .resnet import BasicBlock, conv1x1, conv3x3
 
-Streams = Tuple[Tensor, Tensor]
+Streams = tuple[Tensor, Tensor]
 
 SHORTCUTS = ("auto", "identity", "projection", "zero_pad", "none")
 OUTER_SHORTCUTS = ("residual", "both", "none")
@@ -69,7 +68,7 @@ def resolve_shortcut(shortcut: str, in_channels: int, out_channels: int, stride:
     return shortcut
 
 
-def split_stream_weight(w: Tensor, in_channels: int, out_channels: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+def split_stream_weight(w: Tensor, in_channels: int, out_channels: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(W_rr, W_tr, W_rt, W_tt)``: the four views of ``W_cat``, of shape ``[2·out, 2·in, k, k]``.
 
     ``W_ab`` maps stream ``a`` to stream ``b``, so ``W_tr = W_cat[:out, in:]``, i.e. output channels
@@ -132,7 +131,7 @@ class GeneralizedResidualLayerRef(nn.Module):
         if self.shortcut_kind == "projection":
             _he_normal_(self.shortcut.weight, in_channels)
 
-    def forward(self, streams: Streams, outer: Optional[Tuple[Optional[Tensor], Optional[Tensor]]] = None) -> Streams:
+    def forward(self, streams: Streams, outer: tuple[Tensor | None, Tensor | None] | None = None) -> Streams:
         r, t = streams
         zr = self.conv_rr(r) + self.conv_tr(t)
         if self.shortcut is not None:
