@@ -114,7 +114,7 @@ def extension():
     macros = []
 
     files = sources("csrc/*.cpp", "csrc/cpu/*.cpp")
-    kwargs = dict(py_limited_api=True, define_macros=macros, extra_link_args=link)
+    kwargs = {"py_limited_api": True, "define_macros": macros, "extra_link_args": link}
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         files += sources("csrc/cuda/*.cu", "csrc/cuda/*.cpp")

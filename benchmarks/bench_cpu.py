@@ -282,9 +282,13 @@ def wait_quiet(limit, max_wait=600):
         time.sleep(5)
 
 
+CLOCK = time.perf_counter  # --clock cpu: time.process_time (this process's CPU time, all threads)
+
+
 def interleaved(fns, args, reps, inner=1, warm=2, grad=False):
     """Median ms per call of each callable; providers run round-robin, ``reps`` rounds of ``inner`` calls."""
     times = {k: [] for k in fns}
+    clock = CLOCK
     ctx = torch.enable_grad if grad else torch.no_grad
     with ctx():
         for f in fns.values():
@@ -292,10 +296,10 @@ def interleaved(fns, args, reps, inner=1, warm=2, grad=False):
                 f(*args)
         for _ in range(reps):
             for k, f in fns.items():
-                t = time.perf_counter()
+                t = clock()
                 for _ in range(inner):
                     f(*args)
-                times[k].append((time.perf_counter() - t) * 1e3 / inner)
+                times[k].append((clock() - t) * 1e3 / inner)
     return {k: statistics.median(v) for k, v in times.items()}, times
 
 
@@ -311,7 +315,7 @@ def _machine():
     except Exception:  # noqa: BLE001
         pass
     return (f"{model}, {os.cpu_count()} cores, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads, oneDNN fast path: "
+            f"{torch.get_num_threads()} threads, clock {CLOCK.__name__}, load {loadavg():.1f}, oneDNN fast path: "
             f"{cpu_backend.onednn_status() or 'available'}")
 
 
@@ -535,10 +539,18 @@ def main(argv=None):
     ap.add_argument("--inner", type=int, default=1)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--f64", action="store_true", help="curve: also a float64 eager run")
+    ap.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="wall: time.perf_counter; cpu: time.process_time (robust to other processes' "
+                         "load for --threads 1; counts spin-waiting with more threads)")
     ap.add_argument("--quiet", type=float, default=0.0,
                     help="wait before each case until the 1-min load average is below this (0: don't)")
     args = ap.parse_args(argv)
     args.blocks = [c for c in BLOCKS if args.blocks is None or block_id(c) in args.blocks]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     resfuse.set_backend("cpu")
     {"models": run_models, "train": run_train, "blocks": run_blocks, "memory": run_memory,
      "curve": run_curve, "profile": run_profile}[args.what](args)

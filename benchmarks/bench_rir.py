@@ -12,35 +12,60 @@ Providers:
   ``torch.compile`` does best for CPU inference: BN folded, weights prepacked, add + ReLU as post-ops).
 * ``conv_alone`` (layer only): a single ``F.conv2d`` over ``[r | t]`` with ``W_eff``, without BN or
   ReLU. This is the ceiling for a fused layer built on ATen's convolution.
+* ``*_cl``: the same with channels_last weights and activations (for the model: converted once at its
+  input by ``resfuse.layout.channels_last``), oneDNN's native CPU layout. The other providers run NCHW.
 
 Modes:
 
 * ``eval``: running statistics, no grad.
 * ``train``: forward + backward with batch statistics (no optimizer step).
 
-Shapes are the CIFAR RiR layers: 48, 96 and 192 filters per stream at 32×32, 16×16 and 8×8. Each
-benchmark records its provider, shape, batch, dtype, thread count and the resfuse backend that ran in
-``extra_info``; compare the medians within a group.
+Shapes are the CIFAR RiR layers: 48, 96 and 192 filters per stream at 32×32, 16×16 and 8×8 (batch
+16), and the whole ``rir_cifar`` (batch 16, 32×32), float32 NCHW.
 
-    pytest benchmarks/bench_rir.py --benchmark-only --benchmark-group-by=group \
-        --benchmark-columns=median,iqr,rounds --benchmark-sort=name
+Two ways to run it:
+
+* **pytest-benchmark**, one case at a time. Each benchmark records its provider, shape, batch,
+  dtype, thread count and the resfuse backend in ``extra_info``; compare the medians within a
+  group::
+
+      pytest benchmarks/bench_rir.py --benchmark-only --benchmark-group-by=group \
+          --benchmark-columns=median,iqr,rounds --benchmark-sort=name
+
+* **Interleaved**, with the providers of a case timed round-robin, medians and a Markdown table.
+  This is what to trust on a shared machine, where a sequential run drifts with the neighbours'
+  load::
+
+      python benchmarks/bench_rir.py [--reps 15] [--what layers|model|all]
 """
+import argparse
 import copy
+import os
+import statistics
+import sys
+import time
 
 import pytest
 import torch
 import torch._inductor.config  # Inductor freezing for the compiled eval peer
 import torch.nn.functional as F
 
-import resfuse
-from resfuse.models.rir import rir_cifar
-from resfuse.nn.rir import GeneralizedResidualLayer
-from resfuse.reference import rir as R
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # script mode from a checkout
+    sys.path.insert(0, ROOT)
+
+import resfuse  # noqa: E402
+from resfuse import layout  # noqa: E402
+from resfuse.models.rir import rir_cifar  # noqa: E402
+from resfuse.nn.rir import GeneralizedResidualLayer  # noqa: E402
+from resfuse.reference import rir as R  # noqa: E402
 
 LAYER_BATCH = 16
 MODEL_BATCH = 16
 LAYER_SHAPES = [(48, 32), (96, 16), (192, 8)]  # (filters per stream, H = W)
-PROVIDERS = ["fused", "four_conv", "compiled", "conv_alone"]
+PROVIDERS = ["fused", "four_conv", "compiled", "conv_alone", "fused_cl", "four_conv_cl", "conv_alone_cl"]
+MODEL_PROVIDERS = ["fused", "four_conv", "compiled", "fused_cl", "four_conv_cl"]
+CL = torch.channels_last
 
 
 def _warm(fn, n=2):
@@ -56,7 +81,7 @@ def _record(benchmark, provider, mode, **info):
     """Call after the warm-up runs (so that ``resfuse.last_used()`` names the fused provider's backend)."""
     benchmark.extra_info.update(provider=provider, mode=mode, dtype="float32", threads=torch.get_num_threads(),
                                 torch=torch.__version__, **info)
-    if provider == "fused":
+    if provider.startswith("fused"):
         benchmark.extra_info["resfuse_backend"] = resfuse.last_used().get("conv_bn_chain")
 
 
@@ -79,19 +104,23 @@ def _step(forward, leaves, grads, train):
 
 def _layer_case(provider, c, hw, train):
     torch.manual_seed(0)
+    base, cl = provider.removesuffix("_cl"), provider.endswith("_cl")
+    fmt = CL if cl else torch.contiguous_format
     fused = GeneralizedResidualLayer(c, c).train(train)
-    x = torch.randn(LAYER_BATCH, 2 * c, hw, hw, requires_grad=train)
-    g = torch.randn(LAYER_BATCH, 2 * c, hw, hw)
-    if provider == "fused":
+    x = torch.randn(LAYER_BATCH, 2 * c, hw, hw).contiguous(memory_format=fmt).requires_grad_(train)
+    g = torch.randn(LAYER_BATCH, 2 * c, hw, hw).contiguous(memory_format=fmt)
+    if base == "fused":
+        fused = fused.to(memory_format=fmt)
         return _step(lambda: fused(x), [x, *fused.parameters()], g, train)
-    if provider == "conv_alone":
-        w = fused.effective_weight().detach().requires_grad_(train)
+    if base == "conv_alone":
+        w = fused.effective_weight().detach().contiguous(memory_format=fmt).requires_grad_(train)
         return _step(lambda: F.conv2d(x, w, padding=1), [x, w], g, train)
     # the paper's way: two stream tensors in, two out, four convs, no concatenation anywhere
-    ref = R.load_from_fused(R.GeneralizedResidualLayerRef(c, c), fused).train(train)
-    run = torch.compile(ref) if provider == "compiled" else ref
-    r, t = (x[:, :c].detach().clone().requires_grad_(train), x[:, c:].detach().clone().requires_grad_(train))
-    return _step(lambda: run((r, t)), [r, t, *ref.parameters()], (g[:, :c], g[:, c:]), train)
+    ref = R.load_from_fused(R.GeneralizedResidualLayerRef(c, c), fused).train(train).to(memory_format=fmt)
+    run = torch.compile(ref) if base == "compiled" else ref
+    r, t = (h.detach().contiguous(memory_format=fmt).requires_grad_(train) for h in (x[:, :c], x[:, c:]))
+    gs = tuple(h.contiguous(memory_format=fmt) for h in (g[:, :c], g[:, c:]))
+    return _step(lambda: run((r, t)), [r, t, *ref.parameters()], gs, train)
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
@@ -105,21 +134,18 @@ def test_rir_layer(benchmark, provider, c, hw, mode):
     benchmark(fn)
 
 
-@pytest.mark.parametrize("provider", ["fused", "four_conv", "compiled"])
-@pytest.mark.parametrize("mode", ["eval", "train"])
-def test_rir_cifar(benchmark, provider, mode):
-    benchmark.group = f"rir-cifar-{mode}"
-    train = mode == "train"
+def _model_case(provider, train):
     torch.manual_seed(0)
     fused = rir_cifar().train(train)
     x = torch.randn(MODEL_BATCH, 3, 32, 32)
     y = torch.randint(0, 10, (MODEL_BATCH,))
-    model = fused
-    if provider != "fused":
-        model = R.load_from_fused(R.rir_cifar_ref(), fused).train(train)
-        if provider == "compiled":
-            model = torch.compile(model)
+    base = provider.removesuffix("_cl")
+    model = fused if base == "fused" else R.load_from_fused(R.rir_cifar_ref(), fused).train(train)
+    if provider.endswith("_cl"):  # channels_last weights, the input converted once at the model's input
+        model = layout.channels_last(model)
     params = list(model.parameters())
+    if base == "compiled":
+        model = torch.compile(model)
 
     def step():
         if not train:
@@ -131,9 +157,16 @@ def test_rir_cifar(benchmark, provider, mode):
         loss.backward()
         return loss
 
+    return step
+
+
+@pytest.mark.parametrize("provider", MODEL_PROVIDERS)
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_rir_cifar(benchmark, provider, mode):
+    benchmark.group = f"rir-cifar-{mode}"
+    step = _model_case(provider, mode == "train")
     _warm(step)
-    _record(benchmark, provider, mode, shape=[MODEL_BATCH, 3, 32, 32], batch=MODEL_BATCH,
-            params=sum(p.numel() for p in fused.parameters()))
+    _record(benchmark, provider, mode, shape=[MODEL_BATCH, 3, 32, 32], batch=MODEL_BATCH, params=9_492_980)
     benchmark(step)
 
 
@@ -153,3 +186,44 @@ def test_rir_smoke(benchmark, provider):
 
     _record(benchmark, provider, "train", shape=[2, 3, 16, 16], batch=2)
     benchmark(step)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Interleaved RiR benchmark (see the module docstring).")
+    ap.add_argument("--reps", type=int, default=15, help="timed rounds per provider (default 15)")
+    ap.add_argument("--what", choices=["layers", "model", "all"], default="all")
+    args = ap.parse_args(argv)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32 NCHW, medians of {args.reps} "
+          f"interleaved rounds (ms)\n")
+    print("| case | mode | fused | four-conv | compile(four-conv) | conv alone | four-conv / fused "
+          "| compile / fused | fused / conv alone | fused CL | four-conv CL | conv alone CL | four-conv CL / fused CL "
+          "| fused CL / conv alone CL |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for mode in ("eval", "train"):
+        train = mode == "train"
+        cases = []
+        if args.what in ("layers", "all"):
+            cases += [(f"layer {c}x{hw}²", {p: _layer_case(p, c, hw, train) for p in PROVIDERS}) for c, hw in LAYER_SHAPES]
+        if args.what in ("model", "all"):
+            cases.append(("rir_cifar", {p: _model_case(p, train) for p in MODEL_PROVIDERS}))
+        for name, fns in cases:
+            for fn in fns.values():
+                _warm(fn)
+            times = {k: [] for k in fns}
+            for _ in range(args.reps):
+                for k, fn in fns.items():
+                    t0 = time.perf_counter()
+                    fn()
+                    times[k].append(time.perf_counter() - t0)
+            med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+            f, ca, fc, cac = med["fused"], med.get("conv_alone"), med["fused_cl"], med.get("conv_alone_cl")
+            na = "—"
+            print(f"| {name} | {mode} | {f:.1f} | {med['four_conv']:.1f} | {med['compiled']:.1f} | "
+                  f"{na if ca is None else f'{ca:.1f}'} | {med['four_conv'] / f:.2f}x | {med['compiled'] / f:.2f}x | "
+                  f"{na if ca is None else f'{f / ca:.2f}'} | {fc:.1f} | {med['four_conv_cl']:.1f} | "
+                  f"{na if cac is None else f'{cac:.1f}'} | {med['four_conv_cl'] / fc:.2f}x | "
+                  f"{na if cac is None else f'{fc / cac:.2f}'} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -63,12 +63,16 @@ Options and environment:
 * ``RESFUSE_BENCH_AMP=bf16|fp16|none``: override the autocast dtype (default bf16 on CUDA, none on CPU).
 * ``--bench-max-rounds N`` (default 100 on CPU, 200 on CUDA), ``--bench-warmup N`` (default 2 on CPU,
   10 on CUDA).
+* ``--bench-threads N`` (``torch.set_num_threads``) and ``--bench-clock process`` (CPU rounds timed by
+  ``time.process_time``, the process's CPU time: insensitive to other jobs taking the CPU away, which
+  wall-clock medians on a shared machine are not; meaningful with one thread, since OpenMP workers spin
+  while they wait and spinning is CPU time).
 """
 from __future__ import annotations
 
 import contextlib
-import copy
 import datetime
+import functools
 import importlib.util
 import math
 import os
@@ -121,6 +125,7 @@ class BenchSettings:
     min_rounds: int
     max_time: float
     amp_dtype: Optional[torch.dtype]  # autocast dtype (bf16 on CUDA), None for float32
+    clock: str = "wall"  # CPU rounds: "wall" (time.perf_counter) or "process" (time.process_time)
 
     @property
     def is_cuda(self) -> bool:
@@ -136,7 +141,7 @@ def _resfuse_variants(device: torch.device) -> list:
     out = []
     probe = torch.empty(1, 8, 4, 4, device=device)
     for name in RESFUSE_BACKENDS.get(device.type, ()):
-        b, reason = _backends.instance(name)
+        b, _ = _backends.instance(name)
         if b is not None and b.supports(probe) is None:
             out.append(f"resfuse-{name}")
     return out
@@ -165,11 +170,14 @@ def _make_settings(config) -> BenchSettings:
     if warmup is None:
         warmup = 1 if quick else (10 if is_cuda else 2)
     max_rounds = config.getoption("bench_max_rounds") or (200 if is_cuda else 100)
+    threads = config.getoption("bench_threads")
+    if threads:
+        torch.set_num_threads(threads)
     return BenchSettings(
         device=device, full=full, quick=quick, compile=not no_compile, variants=tuple(variants), warmup=warmup,
         max_rounds=max_rounds, min_rounds=int(config.getoption("benchmark_min_rounds")),
         max_time=float(config.getoption("benchmark_max_time")),  # its default is the string '1.0'
-        amp_dtype=_amp_dtype(is_cuda))
+        amp_dtype=_amp_dtype(is_cuda), clock=config.getoption("bench_clock"))
 
 
 def _amp_dtype(is_cuda: bool) -> Optional[torch.dtype]:
@@ -195,6 +203,11 @@ def pytest_addoption(parser):
                 help="untimed calls after the first one (default 2 on CPU, 10 on CUDA, 1 with -m smoke)")
     g.addoption("--bench-max-rounds", type=int, default=None, metavar="N",
                 help="cap on timed rounds per benchmark (default 100 on CPU, 200 on CUDA)")
+    g.addoption("--bench-threads", type=int, default=None, metavar="N", help="torch.set_num_threads(N) for the session")
+    g.addoption("--bench-clock", choices=("wall", "process"), default="wall",
+                help="CPU round timer: wall (time.perf_counter, default) or process (time.process_time: the "
+                     "process's CPU time, robust to other jobs' load; use with --bench-threads 1, since "
+                     "OpenMP threads spin while waiting and that counts as CPU time)")
 
 
 def pytest_configure(config):
@@ -257,14 +270,14 @@ def pytest_report_header(config):
     s = config.resfuse_bench
     return (f"resfuse benchmarks: device {s.device} ({_device_name(s.device)}), "
             f"{'full' if s.full else 'small'} sizes, {'quick (smoke)' if s.quick else 'normal'} mode, "
-            f"variants {', '.join(s.variants)}; threads {torch.get_num_threads()}, "
+            f"variants {', '.join(s.variants)}; threads {torch.get_num_threads()}, clock {s.clock}, "
             f"load {', '.join(f'{x:.1f}' for x in os.getloadavg())}")
 
 
 # -- environment stamp -----------------------------------------------------------------------------------------
 def _run(*cmd) -> str:
     try:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=20, cwd=ROOT).stdout.strip()
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=20, cwd=ROOT, check=False).stdout.strip()
     except Exception:  # noqa: BLE001 - a missing tool just leaves the field empty
         return ""
 
@@ -339,7 +352,8 @@ def pytest_benchmark_update_json(config, benchmarks, output_json):
     s = config.resfuse_bench
     env["settings"] = {"device": str(s.device), "full": s.full, "quick": s.quick, "variants": list(s.variants),
                        "warmup": s.warmup, "min_rounds": s.min_rounds, "max_rounds": s.max_rounds,
-                       "max_time": s.max_time, "amp_dtype": str(s.amp_dtype) if s.amp_dtype else None}
+                       "max_time": s.max_time, "amp_dtype": str(s.amp_dtype) if s.amp_dtype else None,
+                       "clock": "cuda_events" if s.is_cuda else s.clock, "threads": torch.get_num_threads()}
     output_json["resfuse_env"] = env
 
 
@@ -388,11 +402,11 @@ def device_rates(bench_settings) -> Optional[dict]:
     n = 8192
     a = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
     b = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
-    t_mm = _median_cuda_s(lambda: torch.mm(a, b))
+    t_mm = _median_cuda_s(functools.partial(torch.mm, a, b))
     del a, b
     x = torch.empty(2**29, device=dev, dtype=torch.bfloat16).normal_()  # 1 GiB
     y = torch.empty_like(x)
-    t_cp = _median_cuda_s(lambda: y.copy_(x))
+    t_cp = _median_cuda_s(functools.partial(y.copy_, x))
     rates = {"gemm_flops": 2 * n**3 / t_mm, "copy_bytes_per_s": 2 * x.numel() * x.element_size() / t_cp}
     del x, y
     torch.cuda.empty_cache()
@@ -533,9 +547,9 @@ def _backward(out, target, loss_grad):
         F.cross_entropy(out.float(), target).backward()
         return
     if loss_grad[0] is None or loss_grad[0].shape != out.shape or loss_grad[0].dtype != out.dtype:
-        gen = torch.Generator().manual_seed(2)
-        g = torch.randn(out.shape, generator=gen).to(device=out.device, dtype=out.dtype)
-        loss_grad[0] = torch.empty_like(out).copy_(g)  # empty_like keeps out's memory format
+        gen = torch.Generator(device=out.device).manual_seed(2)  # drawn on the device: fast at GPU sizes
+        g = torch.randn(out.shape, generator=gen, device=out.device, dtype=out.dtype)
+        loss_grad[0] = torch.empty_like(out).copy_(g)  # same values in out's memory format
     out.backward(loss_grad[0])
 
 
@@ -640,10 +654,12 @@ def bench_run(bench_settings, bench_env, device_rates):
                     end.synchronize()
                     times.append(start.elapsed_time(end) / 1e3)
             else:
+                clock = time.process_time if s.clock == "process" else time.perf_counter
+
                 def timed():
-                    t0 = time.perf_counter()
+                    t0 = clock()
                     step()
-                    times.append(time.perf_counter() - t0)
+                    times.append(clock() - t0)
 
             load0 = os.getloadavg()[0]
             benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=0)
@@ -674,7 +690,7 @@ def bench_run(bench_settings, bench_env, device_rates):
             dtype=str(s.amp_dtype).replace("torch.", "") + " autocast" if s.amp_dtype else "float32",
             device=str(dev), device_name=_device_name(dev), threads=torch.get_num_threads(),
             torch=torch.__version__, triton=bench_env["triton"], git_commit=bench_env["git_commit"],
-            timer="cuda_events" if dev.type == "cuda" else "perf_counter",
+            timer="cuda_events" if dev.type == "cuda" else "process_time" if s.clock == "process" else "perf_counter",
             rounds=len(times), warmup=1 + s.warmup,
             times_ms=[round(t * 1e3, 4) for t in times], median_ms=med * 1e3, p20_ms=_percentile(times, 20) * 1e3, p80_ms=_percentile(times, 80) * 1e3,
             images_per_s=batch / med, first_call_s=first_call_s,

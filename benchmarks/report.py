@@ -84,6 +84,10 @@ def load(paths):
                 continue
             key = (r["group"], r["variant"])
             old = rows.get(key)
+            if old is not None and old["extra"].get("timer") != r["extra"].get("timer"):
+                raise SystemExit(f"report.py: {p}: {r['group']} {r['variant']} was timed with "
+                                 f"{r['extra'].get('timer')}, an earlier file with {old['extra'].get('timer')}; "
+                                 "report them separately")
             if old is not None and old["extra"].get("times_ms") and r["extra"].get("times_ms"):
                 r = _pool(old, r)
             rows[key] = r
@@ -155,28 +159,35 @@ def _x(x):
 def stamp_lines(stamp) -> list:
     dev = "; ".join(str(x) for x in (stamp.get("gpu"), stamp.get("cpu")) if x)
     load = stamp.get("loadavg_start"), stamp.get("loadavg_end")
-    out = [f"- machine: {dev} ({stamp.get('cpu_count', '?')} cores, {stamp.get('threads', '?')} torch threads), "
-           f"host `{stamp.get('host', '?')}`",
+    out = [(f"- machine: {dev} ({stamp.get('cpu_count', '?')} cores, {stamp.get('threads', '?')} torch threads), "
+            f"host `{stamp.get('host', '?')}`"),
            f"- torch {stamp.get('torch', '?')}, triton {stamp.get('triton', '?')}, resfuse {stamp.get('resfuse', '?')}"
            + (f", CUDA {stamp['cuda']}, cuDNN {stamp.get('cudnn')}, driver {stamp.get('driver')}" if stamp.get("cuda") else ""),
-           f"- commit `{stamp.get('git_commit', '?')}`{' (+ uncommitted changes)' if stamp.get('git_dirty') else ''}, "
-           f"date {stamp.get('date', '?')}"]
+           (f"- commit `{stamp.get('git_commit', '?')}`{' (+ uncommitted changes)' if stamp.get('git_dirty') else ''}, "
+            f"date {stamp.get('date', '?')}")]
     if any(load):
         out.append(f"- load average (1, 5, 15 min) at start {load[0]}, at end {load[1]}"
                    + (f"; {stamp['files']} result files pooled" if stamp.get("files", 1) > 1 else ""))
     s = stamp.get("settings")
     if s:
         out.append(f"- settings: device {s.get('device')}, {'full' if s.get('full') else 'small'} sizes, "
-                   f"dtype {s.get('amp_dtype') or 'float32'}, warm-up {s.get('warmup')} (+1 first call), "
+                   f"dtype {s.get('amp_dtype') or 'float32'}, timer {_timer_name(s)}, "
+                   f"warm-up {s.get('warmup')} (+1 first call), "
                    f"rounds ≥ {s.get('min_rounds')} (≤ {s.get('max_rounds')}, ~{s.get('max_time')} s per benchmark)")
     return out
 
 
+def _timer_name(s) -> str:
+    c = s.get("clock", "wall")
+    return {"wall": "wall clock (perf_counter)", "process": "process CPU time (process_time)",
+            "cuda_events": "CUDA events"}.get(c, c) + (f", {s['threads']} thread(s)" if s.get("threads") else "")
+
+
 def summary_table(groups) -> list:
-    lines = ["| suite | case | mode | best resfuse | median ms | ×eager | ×eager_cl | ×compile | ×best compile "
-             "| peak MiB (eager) |",
+    lines = [("| suite | case | mode | best resfuse | median ms | ×eager | ×eager_cl | ×compile | ×best compile "
+              "| peak MiB (eager) |"),
              "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
-    for g, rows in groups.items():
+    for rows in groups.values():
         rf = [r for r in rows if str(r["variant"]).startswith("resfuse-")]
         if not rf:
             continue
@@ -211,10 +222,10 @@ def suite_table(groups, suite) -> list:
 
 def markdown(groups, stamp, title) -> str:
     out = [f"# {title}", ""] + stamp_lines(stamp) + [""]
-    out += ["×X = median of X / median of the row's variant, same case and mode (above 1: faster than X; bold ≥ 1). "
-            "Medians of per-round times (CUDA events on GPU, perf_counter on CPU) with the 20th–80th percentiles. "
-            "Peak MiB: extra memory one step allocates above what is resident before it (see benchmarks/README.md). "
-            "⚠: output differs from eager beyond tolerance.", ""]
+    out += [("×X = median of X / median of the row's variant, same case and mode (above 1: faster than X; bold ≥ 1). "
+             "Medians of per-round times with the 20th–80th percentiles. "
+             "Peak MiB: extra memory one step allocates above what is resident before it (see benchmarks/README.md). "
+             "⚠: output differs from eager beyond tolerance."), ""]
     out += ["## Summary: fastest resfuse variant per case", ""] + summary_table(groups) + [""]
     suites = []
     for rows in groups.values():
@@ -231,7 +242,7 @@ def chart(groups, path, title):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import matplotlib.ticker  # noqa: F401
+    import matplotlib.ticker
 
     suites = OrderedDict()
     for g, rows in groups.items():

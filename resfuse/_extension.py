@@ -7,19 +7,19 @@ backends do not need it); ``LOADED`` and ``ERROR`` say whether it is there and w
 """
 from __future__ import annotations
 
-from typing import Optional
+import importlib
 
 import torch
 
 LOADED: bool
-ERROR: Optional[str]
+ERROR: str | None
 
 try:
-    from . import _C  # noqa: F401  (loading the library registers torch.ops.resfuse.*)
+    importlib.import_module(f"{__package__}._C")  # loading the library registers torch.ops.resfuse.*
 except ImportError as exc:  # not built, or built against another torch (undefined symbols)
     LOADED = False
     ERROR = (f"resfuse._C could not be imported ({exc}); build it against the installed torch with "
-             f"`pip install --no-build-isolation .` (or `python setup.py build_ext --inplace`)")
+             "`pip install --no-build-isolation .` (or `python setup.py build_ext --inplace`)")
 else:
     LOADED, ERROR = True, None
 

@@ -632,7 +632,7 @@ def run(archs, pattern=None, extra=(), jobs=None, use_cache=True, with_cuda=True
         if spec.name not in src_hash:
             src_hash[spec.name] = _spec_source_hash(spec)
         key = _key("triton", u.kernel, u.variant, u.dtype, asdict(u.config), u.arch, src_hash[spec.name], tv,
-                   ptxas[u.arch], spec.hot)
+                   ptxas[u.arch], u.hot(spec))
         hit = _cache_get(key) if use_cache else None
         if hit is not None:
             rows[i] = hit
@@ -664,7 +664,7 @@ def run(archs, pattern=None, extra=(), jobs=None, use_cache=True, with_cuda=True
         with cf.ProcessPoolExecutor(max_workers=jobs or os.cpu_count(), mp_context=ctx) as pool:
             futs = {}
             for i, key, u in todo:
-                futs[pool.submit(_triton_worker, (u, tuple(extra), specs[u.kernel].hot))] = ("t", i, key)
+                futs[pool.submit(_triton_worker, (u, tuple(extra), u.hot(specs[u.kernel])))] = ("t", i, key)
             for j, key, p, a in cuda_todo:
                 futs[pool.submit(_cuda_worker, (str(p), a, nvcc))] = ("c", j, key)
             for f in cf.as_completed(futs):
@@ -674,7 +674,8 @@ def run(archs, pattern=None, extra=(), jobs=None, use_cache=True, with_cuda=True
                 except Exception as e:  # a crashed worker process
                     u = units[idx] if kind == "t" else None
                     r = _row_base(u.kernel if u else f"cuda/{cuda[idx][0].stem}",
-                                  u.variant_name if u else "(compile)", u.arch if u else cuda[idx][1], True)
+                                  u.variant_name if u else "(compile)", u.arch if u else cuda[idx][1],
+                                  u.hot(specs[u.kernel]) if u else True)
                     r.update(status="FAIL", error=f"worker crashed: {type(e).__name__}: {e}")
                     res = r if kind == "t" else [r]
                 ok = (res["status"] != "FAIL" or res.get("problems")) if kind == "t" else \

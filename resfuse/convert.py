@@ -18,7 +18,7 @@ import contextlib
 import copy
 import importlib
 import inspect
-from typing import Dict, NamedTuple, Optional, Tuple, Union
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -29,7 +29,7 @@ from . import models as fmodels
 from . import nn as fnn
 from .testing import rel_error, tolerance
 
-__all__ = ["fuse", "unfuse", "explain_model", "FusedSequential", "PATTERNS"]
+__all__ = ["PATTERNS", "FusedSequential", "explain_model", "fuse", "unfuse"]
 
 _BN_TYPES = (nn.BatchNorm2d, nn.SyncBatchNorm)
 _ORIGIN = "_resfuse_unfused"  # instance attribute of a swapped module: "module.QualName" of its original class
@@ -84,9 +84,9 @@ class Pattern(NamedTuple):
     - ``call``: any module; the fused forward calls it as the original does.
     """
 
-    sources: Tuple[str, ...]
+    sources: tuple[str, ...]
     fused: type
-    children: Dict[str, str]
+    children: dict[str, str]
 
 
 _TV_BASIC = {"conv1": "conv", "bn1": "bn", "relu": "relu", "conv2": "conv", "bn2": "bn", "downsample": "shortcut?"}
@@ -95,7 +95,7 @@ _TV_BOTTLENECK = {"conv1": "conv", "bn1": "bn", "conv2": "conv", "bn2": "bn", "c
 _TIMM_EXTRAS = {"se": "identity?", "drop_path": "identity?", "downsample": "shortcut?"}
 _RESNET_BODY = {"avgpool": "call", "fc": "call"}
 
-PATTERNS: Tuple[Pattern, ...] = (
+PATTERNS: tuple[Pattern, ...] = (
     Pattern(("resfuse.reference.resnet.BasicBlock", "torchvision.models.resnet.BasicBlock"),
             fnn.BasicBlock, _TV_BASIC),
     Pattern(("resfuse.reference.resnet.Bottleneck", "torchvision.models.resnet.Bottleneck"),
@@ -128,8 +128,8 @@ class _Verdict(NamedTuple):
     (a candidate that cannot be fused, see ``reason``) or None (not a candidate). ``absorbed``: the
     children the fused forward runs itself (not called as modules, so not fused separately)."""
 
-    status: Optional[str]
-    fused: Optional[type] = None
+    status: str | None
+    fused: type | None = None
     reason: str = ""
     absorbed: frozenset = frozenset()
     note: str = ""
@@ -140,11 +140,11 @@ def _name(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def _known_base(cls: type, sources) -> Optional[type]:
+def _known_base(cls: type, sources) -> type | None:
     return next((k for k in cls.__mro__ if _name(k) in sources), None)
 
 
-def _overridden(cls: type, known: type) -> Optional[str]:
+def _overridden(cls: type, known: type) -> str | None:
     for meth in _FORWARD_METHODS:
         f = vars(known).get(meth)
         if inspect.isfunction(f) and getattr(cls, meth) is not f:
@@ -342,7 +342,7 @@ def _resolve(qualified: str) -> type:
 
 # -- public API -----------------------------------------------------------------------------------------
 def fuse(model: nn.Module, backend: str = "auto", inplace: bool = False,
-         verify: Union[bool, torch.Tensor] = False) -> nn.Module:
+         verify: bool | torch.Tensor = False) -> nn.Module:
     """Swap the ResNet parts of ``model`` for fused modules; returns the fused model.
 
     Swapped (see :data:`PATTERNS`; ``resfuse.explain(model)`` lists what was and was not swapped):
@@ -441,11 +441,8 @@ def explain_model(model: nn.Module) -> str:
             if child is None or name in v.absorbed:
                 continue
             cpath = f"{path}.{name}" if path else name
-            if v.status is None and _is_norm(child):
-                rows["left"].append((cpath, _name(type(child)),
-                                     f"run by {where} ({_name(type(m))}), whose forward resfuse does not know"))
-            elif v.status not in (None, "left") and _is_norm(child):
-                rows["left"].append((cpath, _name(type(child)), "not directly after a Conv2d"))
+            if v.status != "left" and _is_norm(child):  # a left parent's reason covers its BNs
+                rows["left"].append((cpath, _name(type(child)), _norm_reason(m, v, child, where)))
             walk(child, cpath)
 
     walk(model, "")
@@ -462,7 +459,16 @@ def _is_norm(m) -> bool:
     return isinstance(m, nn.modules.batchnorm._NormBase) or "BatchNorm" in type(m).__name__
 
 
-def _verify(before: nn.Module, fused: nn.Module, example: Optional[torch.Tensor]) -> None:
+def _norm_reason(parent: nn.Module, v: _Verdict, bn: nn.Module, where: str) -> str:
+    """Why the norm layer ``bn``, a child of ``parent`` not absorbed by any fused unit, stays plain."""
+    if type(bn) not in _BN_TYPES:
+        return f"{type(bn).__name__} is not nn.BatchNorm2d or nn.SyncBatchNorm"
+    if v.status is not None or _known_base(type(parent), (_SEQUENTIAL,)):
+        return "not directly after a Conv2d"
+    return f"run by {where} ({_name(type(parent))}), whose forward resfuse does not know"
+
+
+def _verify(before: nn.Module, fused: nn.Module, example: torch.Tensor | None) -> None:
     if example is None:
         conv = next((m for m in before.modules() if isinstance(m, nn.Conv2d)), None)
         if conv is None:

@@ -48,7 +48,7 @@ def test_invalid_kernel_exits_nonzero_naming_it(tmp_path):
     extra = tmp_path / "broken.py"
     extra.write_text(BROKEN)
     r = _run("--arch", "90", "--kernels", "deliberately_broken", "--extra", str(extra), "--no-cuda",
-             "--no-cache")
+             "--no-cache", "--jobs", "1")
     assert r.returncode == 1, r.stderr[-2000:]
     assert "FAILED deliberately_broken [fp32|b16]" in r.stderr
     assert "sm_90a" in r.stderr
@@ -58,34 +58,36 @@ def test_json_rows_match_registry_and_cache(tmp_path):
     from resfuse.triton import registry
     out = tmp_path / "aot.json"
     pattern = "bn_stats_partial,stats_merge"
-    r = _run("--kernels", pattern, "--json", str(out), "--no-cuda", "--quiet", cache=tmp_path / "cache")
+    r = _run("--arch", "90", "--kernels", pattern, "--json", str(out), "--no-cuda", "--quiet", "--jobs", "1",
+             cache=tmp_path / "cache")
     assert r.returncode == 0, r.stderr[-3000:]
     data = json.loads(out.read_text())
     rows = data["rows"]
     specs = [registry.KERNELS["bn_stats_partial"], registry.KERNELS["stats_merge"]]
-    expected = sum(len(s.configs_for(a, v, d)) for s in specs for a in registry.ARCHS for v in s.variants
-                   for d in s.dtypes)
-    assert expected == len(registry.aot_units(specs)) == len(rows) == data["meta"]["rows"]
+    expected = sum(len(s.configs_for(90, v, d)) for s in specs for v in s.variants for d in s.dtypes)
+    assert expected == len(registry.aot_units(specs, [90])) == len(rows) == data["meta"]["rows"] == 7
     keys = {(row["kernel"], row["variant"], row["arch"]) for row in rows}
     assert len(keys) == len(rows)  # one row per (kernel, variant, arch)
     for row in rows:
         assert row["status"] == "ok" and row["regs"] > 0 and row["threads"] > 0 and 0 < row["occupancy"] <= 1
         assert row["spill_stores"] == 0
     # second run: everything from the cache
-    r2 = _run("--kernels", pattern, "--no-cuda", "--quiet", cache=tmp_path / "cache")
+    r2 = _run("--arch", "90", "--kernels", pattern, "--no-cuda", "--quiet", cache=tmp_path / "cache")
     assert r2.returncode == 0 and f"{len(rows)} cached, compiling 0" in r2.stderr
 
 
-def test_unknown_arch_lists_valid_ones():
-    r = _run("--arch", "75", "--no-cuda")
-    assert r.returncode == 2
-    assert "unknown arch 75" in r.stderr and "80, 90" in r.stderr
+def test_unknown_arch_lists_valid_ones(capsys):
+    assert aot.main(["--arch", "75", "--no-cuda"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown arch 75" in err and "80, 90" in err
+    assert aot.main(["--arch", "eighty"]) == 2
+    assert "valid archs: 80, 90" in capsys.readouterr().err
 
 
-def test_pattern_matching_nothing_lists_kernels():
-    r = _run("--kernels", "no_such_kernel", "--no-cuda")
-    assert r.returncode == 2
-    assert "matches no kernel" in r.stderr and "conv2d_fwd" in r.stderr and "bn_act" in r.stderr
+def test_pattern_matching_nothing_lists_kernels(capsys):
+    assert aot.main(["--kernels", "no_such_kernel", "--no-cuda"]) == 2
+    err = capsys.readouterr().err
+    assert "matches no kernel" in err and "conv2d_fwd" in err and "bn_act" in err
 
 
 def test_zero_cu_files_is_fine(tmp_path, monkeypatch):

@@ -8,7 +8,7 @@ import torch
 import resfuse.ops.bn_act as ops
 from resfuse import _extension
 from resfuse.reference import primitives as ref
-from resfuse.testing import assert_close_ref, poisoned, rand_activation, tolerance
+from resfuse.testing import assert_close_ref, poisoned, rand_activation
 
 pytestmark = pytest.mark.skipif(not _extension.LOADED, reason=f"resfuse._C not built: {_extension.ERROR}")
 
@@ -77,7 +77,7 @@ def test_bn_stats_large_mean(channels_last):
     mean, var = ops.bn_stats(x)
     x64 = x.double()
     ref_var, ref_mean = torch.var_mean(x64, dim=(0, 2, 3), unbiased=False)
-    assert ((var.double() - ref_var).abs() / ref_var).max().item() < 1e-4
+    assert ((var.double() - ref_var).abs() / ref_var).max().item() < 1e-5  # ~1e-7 measured
     assert ((mean.double() - ref_mean).abs() / ref_mean).max().item() < 1e-6
     # the backward sums are centred too: sum dz * (x - mean) keeps its precision
     g = rand_activation(x.shape, torch.float32, channels_last)

@@ -19,7 +19,7 @@ import resfuse
 from resfuse import backends, models, reference
 from resfuse import nn as fnn
 from resfuse.convert import FusedSequential
-from resfuse.testing import assert_close_ref, assert_error_ratio, rel_error
+from resfuse.testing import assert_close_ref, assert_error_ratio
 
 F64_RTOL = 1e-9
 
@@ -60,6 +60,7 @@ def check_fused_model(plain: nn.Module, x: torch.Tensor, *, fused32=None, float6
     plain = plain.float()
     fused32 = resfuse.fuse(copy.deepcopy(plain)) if fused32 is None else fused32
     plain64 = copy.deepcopy(plain).double()
+    fused64 = resfuse.fuse(copy.deepcopy(plain64)) if float64 else None
     x64 = x.double()
     torch.manual_seed(123)
     out_shape = plain64.eval()(x64[:1]).shape[1:]
@@ -70,7 +71,7 @@ def check_fused_model(plain: nn.Module, x: torch.Tensor, *, fused32=None, float6
     # float32: error-ratio rule against float64
     for i, what in ((0, "train output"), (4, "eval output"), (1, "input grad")):
         assert_error_ratio(ours[i], theirs[i], truth[i], k=2, name=what, floor=1e-4)
-    cat = lambda r: torch.cat([r[2][n].double().flatten() for n in truth[2]])  # noqa: E731
+    cat = lambda r: torch.cat([r[2][n].double().flatten() for n in truth[2]])
     assert_error_ratio(cat(ours), cat(theirs), cat(truth), k=2, name="all parameter grads", floor=1e-4)
     for n, b in truth[3].items():
         if b.is_floating_point():
@@ -78,12 +79,13 @@ def check_fused_model(plain: nn.Module, x: torch.Tensor, *, fused32=None, float6
         else:
             assert torch.equal(ours[3][n], b), n
     if float64:
-        fused64 = resfuse.fuse(copy.deepcopy(plain).double())
         got = _step(fused64, x64, g)
         for i, what in ((0, "train output"), (4, "eval output"), (1, "input grad")):
             assert_close_ref(got[i], truth[i], rtol=F64_RTOL, name=f"float64 {what}")
-        for n, t in truth[2].items():
-            assert_close_ref(got[2][n], t, rtol=F64_RTOL, name=f"float64 grad {n}")
+        scale = max(t.abs().max().item() for t in truth[2].values())
+        for n, t in truth[2].items():  # some gradients are zero up to rounding (a shift before a BN)
+            err = (got[2][n] - t).abs().max().item() / max(t.abs().max().item(), 1e-6 * scale)
+            assert err <= F64_RTOL, f"float64 grad {n}: relative error {err:.3e}"
         for n, b in truth[3].items():
             assert_close_ref(got[3][n], b, rtol=F64_RTOL, name=f"float64 {n}")
     return fused32
@@ -148,7 +150,12 @@ def test_reference_models(name):
     assert len(blocks) == sum(1 for m in plain.modules() if type(m).__name__ == block_cls.__name__) > 0
     assert_shares(fused, plain)
     report = sections(resfuse.explain(fused))
-    assert report["fusable"] == [] and report["left"] == [], resfuse.explain(fused)
+    assert report["fusable"] == [], resfuse.explain(fused)
+    if "preact" in name:  # BN → ReLU → conv: the leading BNs (and the final one) stay plain
+        assert report["left"] and all(line.startswith("bn_final ") or line.endswith("not directly after a Conv2d")
+                                      for line in report["left"]), resfuse.explain(fused)
+    else:
+        assert report["left"] == [], resfuse.explain(fused)
     check_fused_model(plain, torch.randn(2, 3, size, size))
 
 

@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import resfuse
-from resfuse import backends
+from resfuse import backends, layout
 from resfuse.models.rir import rir_cifar
 from resfuse.nn.rir import GeneralizedResidualLayer, RiRBlock, decay_toward_targets, partial_identity, rir_param_groups
 from resfuse.reference import rir as R
@@ -241,6 +241,18 @@ def test_model_matches_reference(backend, identity_in_weight):
 
 def _same(t):
     return t
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_model_channels_last(backend):
+    """resfuse.layout.channels_last (the fast CPU layout) computes the same model, train and eval."""
+    fused = randomize(rir_cifar(width=2))
+    cl = layout.channels_last(copy.deepcopy(fused))
+    x = rand_activation((2, 3, 8, 8))
+    for train in (True, False):
+        fused.train(train), cl.train(train)
+        with resfuse.use_backend(backend):
+            assert_close_ref(cl(x), fused(x), torch.float32, rtol=1e-4, name=f"train={train}")
 
 
 def test_load_round_trip():

@@ -5,8 +5,8 @@
 // eager); grad_out otherwise.
 //
 // reduce: per-channel sums of dz, dz * (input - mean) and dz * (residual - res_mean). The centred
-// products keep the sums safe for inputs with a large mean. Lane sums in acc_t cover at most a few
-// thousand values before they are flushed into double totals. NCHW is parallel over channels, NHWC
+// products keep the sums safe for inputs with a large mean. A lane sum in acc_t adds at most a few
+// hundred values before it is flushed into a double total. NCHW is parallel over channels, NHWC
 // over fixed row blocks (kernel_utils.h: RowBlocks), so results do not depend on the thread count.
 //
 // apply: grad_input = a[c] * dz + b[c] * input + d[c] and grad_residual (see ops.cpp), one pass.
@@ -15,7 +15,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <optional>
@@ -61,7 +60,8 @@ struct ReduceParams {
 // Lane sums of dz, dz * (x - mean) and dz * (r - res_mean).
 template <typename scalar_t>
 struct Sums {
-  typename VecIO<scalar_t>::Pack dz{}, xmu{}, rmu{};
+  using IO = VecIO<scalar_t>;
+  typename IO::Pack dz = IO::zero(), xmu = IO::zero(), rmu = IO::zero();
 };
 
 // Adds the k <= kStep elements at offset i to `s`, given the means of their channels.
@@ -138,7 +138,9 @@ C10_ALWAYS_INLINE void reduce_row_step(const ReduceParams<scalar_t>& p, at::opma
                                        int64_t row, int64_t c, int64_t k) {
   using IO = VecIO<scalar_t>;
   const int64_t C = p.C;
-  Sums<scalar_t> s{IO::load_acc(acc + c, k), IO::load_acc(acc + C + c, k), {}};
+  Sums<scalar_t> s;
+  s.dz = IO::load_acc(acc + c, k);
+  s.xmu = IO::load_acc(acc + C + c, k);
   typename IO::Pack res_mean{};
   if constexpr (kRes) {
     s.rmu = IO::load_acc(acc + 2 * C + c, k);
@@ -388,8 +390,7 @@ std::tuple<at::Tensor, at::Tensor> bn_act_backward_apply_cpu(
         input.size(1),
         input.size(2) * input.size(3)};
     value_switch<false, true>(relu, [&](auto relu_c) {
-      constexpr auto kNone = ResidualGrad::kNone, kDz = ResidualGrad::kDz, kAffine = ResidualGrad::kAffine;
-      value_switch<kNone, kDz, kAffine>(mode, [&](auto mode_c) {
+      value_switch<ResidualGrad::kNone, ResidualGrad::kDz, ResidualGrad::kAffine>(mode, [&](auto mode_c) {
         constexpr bool kRelu = decltype(relu_c)::value;
         constexpr ResidualGrad kRg = decltype(mode_c)::value;
         if (layout == Layout::NHWC) {

@@ -1,11 +1,12 @@
 // resfuse::bn_stats on CPU: per-channel mean and biased variance over N, H, W.
 //
-// Numerics: the values of a channel are taken in chunks small enough to stay in cache. A chunk's
-// mean and M2 (sum of squared deviations) come from two passes in acc_t: the lane sums of the first
-// pass add at most a few hundred values each, and the second pass sums (x - chunk mean)^2, so there
-// is no cancellation. Chunks are then merged with Chan et al.'s pairwise formula in double. A
-// float32 channel with mean 1e4 and std 1 keeps its variance to ~1e-6 relative, where raw
-// sum/sum^2 in float32 would lose every digit.
+// Numerics: the values of a channel are taken in chunks small enough to stay in cache, and each
+// chunk by the corrected two-pass algorithm (Chan, Golub & LeVeque) in acc_t: pass 1 gives an
+// approximate mean m~ (lane sums of at most a few hundred values); pass 2 sums d = x - m~ and d^2,
+// which have no cancellation (d is exact in float32 when x is near m~). The chunk's mean is then
+// m~ + sum(d)/n and its M2 is sum(d^2) - sum(d)^2/n, in double; chunks are merged with Chan et al.'s
+// pairwise formula in double. A float32 channel with mean 1e4 and std 1 keeps its variance to
+// ~1e-6 relative (raw sum/sum^2 in float32 would lose every digit).
 //
 // Work split: NCHW is parallel over channels (each channel walks its N planes); NHWC is parallel
 // over fixed row blocks (kernel_utils.h: RowBlocks) with per-block per-channel partials merged in
@@ -17,6 +18,7 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstring>
 #include <limits>
 #include <tuple>
@@ -39,13 +41,18 @@ struct Moments {
   double mean = 0;
   double m2 = 0;
 
-  // Chan et al.: add a set of nb values with mean mean_b and M2 m2_b.
-  void merge(double nb, double mean_b, double m2_b) {
-    if (nb == 0) return;
-    const double total = n + nb;
-    const double delta = mean_b - mean;
-    mean += delta * (nb / total);
-    m2 += m2_b + delta * delta * (n / total * nb);
+  // Moments of n values from their sum of deviations from `shift` and of squared deviations.
+  static Moments from_deviations(double n, double shift, double sum_d, double sum_d2) {
+    return {n, shift + sum_d / n, std::max(0.0, sum_d2 - sum_d * (sum_d / n))};
+  }
+
+  // Chan et al.: add the moments of another set.
+  void merge(const Moments& o) {
+    if (o.n == 0) return;
+    const double total = n + o.n;
+    const double delta = o.mean - mean;
+    mean += delta * (o.n / total);
+    m2 += o.m2 + delta * delta * (n / total * o.n);
     n = total;
   }
 
@@ -56,11 +63,13 @@ struct Moments {
   }
 };
 
-// Mean and M2 of n <= kChunk contiguous acc_t values, by two passes.
+// Moments of n <= kChunk contiguous acc_t values, by the corrected two-pass algorithm.
 template <typename acc_t>
-C10_ALWAYS_INLINE std::pair<acc_t, acc_t> chunk_moments(const acc_t* v, int64_t n) {
+C10_ALWAYS_INLINE Moments chunk_moments(const acc_t* v, int64_t n) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t W = Vec::size();
+  const auto plus = [](const Vec& a, const Vec& b) { return a + b; };
+  const auto reduce = [&](const Vec& a) { return double(at::vec::vec_reduce_all<acc_t>(plus, a)); };
   Vec s0(0), s1(0), s2(0), s3(0);
   int64_t i = 0;
   for (; i + 4 * W <= n; i += 4 * W) {
@@ -70,26 +79,25 @@ C10_ALWAYS_INLINE std::pair<acc_t, acc_t> chunk_moments(const acc_t* v, int64_t 
     s3 += Vec::loadu(v + i + 3 * W);
   }
   for (; i < n; i += W) s0 += Vec::loadu(v + i, std::min(W, n - i));  // lanes past n load zero
-  const auto plus = [](const Vec& a, const Vec& b) { return a + b; };
-  const acc_t mean = at::vec::vec_reduce_all<acc_t>(plus, (s0 + s1) + (s2 + s3)) / acc_t(n);
+  const acc_t shift = acc_t(reduce((s0 + s1) + (s2 + s3)) / double(n));
 
-  const Vec m(mean);
-  Vec q0(0), q1(0), q2(0), q3(0);
+  const Vec m(shift);
+  Vec d_sum0(0), d_sum1(0), d2_sum0(0), d2_sum1(0);
   i = 0;
-  for (; i + 4 * W <= n; i += 4 * W) {
+  for (; i + 2 * W <= n; i += 2 * W) {
     const Vec d0 = Vec::loadu(v + i) - m, d1 = Vec::loadu(v + i + W) - m;
-    const Vec d2 = Vec::loadu(v + i + 2 * W) - m, d3 = Vec::loadu(v + i + 3 * W) - m;
-    q0 = at::vec::fmadd(d0, d0, q0);
-    q1 = at::vec::fmadd(d1, d1, q1);
-    q2 = at::vec::fmadd(d2, d2, q2);
-    q3 = at::vec::fmadd(d3, d3, q3);
+    d_sum0 += d0;
+    d_sum1 += d1;
+    d2_sum0 = at::vec::fmadd(d0, d0, d2_sum0);
+    d2_sum1 = at::vec::fmadd(d1, d1, d2_sum1);
   }
   for (; i < n; i += W) {
     const int64_t k = std::min(W, n - i);
     const Vec d = Vec::set(Vec(0), Vec::loadu(v + i, k) - m, k);  // zero lanes past n
-    q0 = at::vec::fmadd(d, d, q0);
+    d_sum0 += d;
+    d2_sum0 = at::vec::fmadd(d, d, d2_sum0);
   }
-  return {mean, at::vec::vec_reduce_all<acc_t>(plus, (q0 + q1) + (q2 + q3))};
+  return Moments::from_deviations(double(n), shift, reduce(d_sum0 + d_sum1), reduce(d2_sum0 + d2_sum1));
 }
 
 // n values of src as acc_t into dst.
@@ -131,8 +139,7 @@ void stats_channels(const scalar_t* x, int64_t N, int64_t C, int64_t HW,
             to_acc(x + ((n0 + q) * C + c) * HW + i, len, buf.data() + q * len);
           }
         }
-        const auto [chunk_mean, chunk_m2] = chunk_moments(vals, planes * len);
-        m.merge(double(planes * len), chunk_mean, chunk_m2);
+        m.merge(chunk_moments(vals, planes * len));
       }
     }
     const auto [mu, v] = m.mean_var();
@@ -141,78 +148,78 @@ void stats_channels(const scalar_t* x, int64_t N, int64_t C, int64_t HW,
   }
 }
 
-// NHWC: per-channel sums over the rows [r0, r1) of x [M, C] for the kSteps vector steps of
-// channels from c (all full but the last, which has k_last <= kStep channels), written to out: of x
-// when kSquares is false, else of (x - mean[c])^2. Going down a column block keeps the sums in
-// registers.
-template <typename scalar_t, bool kSquares, int64_t kSteps>
+// NHWC, for the rows [r0, r1) of x [M, C] and the kSteps vector steps of channels from c (all full
+// but the last, which has k_last <= kStep channels), per-channel sums going down the column block so
+// that they stay in registers. Pass 1 (kDeviations false): sum(x) into sum_d. Pass 2: sum(d) into
+// sum_d and sum(d^2) into sum_d2, d = x - shift[c].
+template <typename scalar_t, bool kDeviations, int64_t kSteps>
 C10_ALWAYS_INLINE void column_sums(const scalar_t* x, int64_t C, int64_t r0, int64_t r1, int64_t c,
-                                   int64_t k_last, const at::opmath_type<scalar_t>* mean,
-                                   at::opmath_type<scalar_t>* out) {
+                                   int64_t k_last, const at::opmath_type<scalar_t>* shift,
+                                   at::opmath_type<scalar_t>* sum_d, at::opmath_type<scalar_t>* sum_d2) {
   using IO = VecIO<scalar_t>;
   constexpr int64_t S = IO::kStep;
   const auto width = [&](int64_t j) { return j == kSteps - 1 ? k_last : S; };
-  std::array<typename IO::Pack, kSteps> sum{}, mu{};
-  if constexpr (kSquares) {
-    for (int64_t j = 0; j < kSteps; ++j) mu[j] = IO::load_acc(mean + c + j * S, width(j));
+  std::array<typename IO::Pack, kSteps> s1, s2, mu;
+  s1.fill(IO::zero());
+  s2.fill(IO::zero());
+  if constexpr (kDeviations) {
+    for (int64_t j = 0; j < kSteps; ++j) mu[j] = IO::load_acc(shift + c + j * S, width(j));
   }
   for (const scalar_t* px = x + r0 * C + c; px < x + r1 * C + c; px += C) {
     for (int64_t j = 0; j < kSteps; ++j) {
-      // Lanes past the width load zero in both x and mean, so they add nothing.
+      // Lanes past the width load zero in both x and shift, so they add nothing.
       const auto v = IO::load(px + j * S, width(j));
       for (int64_t q = 0; q < IO::kParts; ++q) {
-        if constexpr (kSquares) {
+        if constexpr (kDeviations) {
           const auto d = v[q] - mu[j][q];
-          sum[j][q] = at::vec::fmadd(d, d, sum[j][q]);
+          s1[j][q] += d;
+          s2[j][q] = at::vec::fmadd(d, d, s2[j][q]);
         } else {
-          sum[j][q] += v[q];
+          s1[j][q] += v[q];
         }
       }
     }
   }
-  for (int64_t j = 0; j < kSteps; ++j) IO::store_acc(out + c + j * S, sum[j], width(j));
+  for (int64_t j = 0; j < kSteps; ++j) {
+    IO::store_acc(sum_d + c + j * S, s1[j], width(j));
+    if constexpr (kDeviations) IO::store_acc(sum_d2 + c + j * S, s2[j], width(j));
+  }
 }
 
-// column_sums over all C channels, in blocks of 4 acc_t vectors (a 32-channel block in float).
-template <typename scalar_t, bool kSquares>
+// column_sums over all C channels, in column blocks of kVecs acc_t vectors: 8 for pass 1 (the
+// 64 channels of a float32 row in one sweep down the chunk, which streams it from memory), 4 for
+// pass 2 (three vectors per step; it re-reads the chunk from cache).
+template <typename scalar_t, bool kDeviations>
 void row_sums(const scalar_t* x, int64_t C, int64_t r0, int64_t r1,
-              const at::opmath_type<scalar_t>* mean, at::opmath_type<scalar_t>* out) {
+              const at::opmath_type<scalar_t>* shift, at::opmath_type<scalar_t>* sum_d,
+              at::opmath_type<scalar_t>* sum_d2) {
   using IO = VecIO<scalar_t>;
-  constexpr int64_t S = IO::kStep, kBlock = 8 / IO::kParts;
+  constexpr int64_t S = IO::kStep, kBlock = (kDeviations ? 4 : 8) / IO::kParts;
   int64_t c = 0;
   for (; c + kBlock * S <= C; c += kBlock * S) {
-    column_sums<scalar_t, kSquares, kBlock>(x, C, r0, r1, c, S, mean, out);
+    column_sums<scalar_t, kDeviations, kBlock>(x, C, r0, r1, c, S, shift, sum_d, sum_d2);
   }
-  for (; c < C; c += S) column_sums<scalar_t, kSquares, 1>(x, C, r0, r1, c, std::min(S, C - c), mean, out);
+  for (; c < C; c += S) {
+    column_sums<scalar_t, kDeviations, 1>(x, C, r0, r1, c, std::min(S, C - c), shift, sum_d, sum_d2);
+  }
 }
 
-// NHWC row blocks [b0, b1) of x [M, C]: block b leaves its per-channel mean and M2 in
-// block_mean[b], block_m2[b].
+// NHWC row blocks [b0, b1) of x [M, C]: block b leaves the moments of its rows in moments[b * C + c].
 template <typename scalar_t>
-void stats_blocks(const scalar_t* x, int64_t C, const RowBlocks blocks, double* block_mean,
-                  double* block_m2, int64_t b0, int64_t b1) {
+void stats_blocks(const scalar_t* x, int64_t C, const RowBlocks blocks, Moments* moments, int64_t b0,
+                  int64_t b1) {
   using acc_t = at::opmath_type<scalar_t>;
-  std::vector<acc_t> chunk_mean(C), chunk_m2(C);
+  std::vector<acc_t> shift(C), sum_d(C), sum_d2(C);
   for (int64_t b = b0; b < b1; ++b) {
-    double* bmean = block_mean + b * C;
-    double* bm2 = block_m2 + b * C;
-    double done = 0;
     for (int64_t r0 = blocks.begin(b); r0 < blocks.end(b); r0 += blocks.chunk_rows) {
       const int64_t r1 = std::min(blocks.end(b), r0 + blocks.chunk_rows);
-      const acc_t rows = acc_t(r1 - r0);
-      // Two passes over the chunk (the second from cache): per-channel means, then M2.
-      row_sums<scalar_t, false>(x, C, r0, r1, nullptr, chunk_mean.data());
-      for (int64_t c = 0; c < C; ++c) chunk_mean[c] /= rows;
-      row_sums<scalar_t, true>(x, C, r0, r1, chunk_mean.data(), chunk_m2.data());
-      // Chan merge of the chunk into the block's partials.
-      const double total = done + double(rows);
-      const double w_new = double(rows) / total, w_cross = done / total * double(rows);
+      const double rows = double(r1 - r0);
+      row_sums<scalar_t, false>(x, C, r0, r1, nullptr, shift.data(), nullptr);
+      for (int64_t c = 0; c < C; ++c) shift[c] = acc_t(double(shift[c]) / rows);
+      row_sums<scalar_t, true>(x, C, r0, r1, shift.data(), sum_d.data(), sum_d2.data());
       for (int64_t c = 0; c < C; ++c) {
-        const double delta = double(chunk_mean[c]) - bmean[c];
-        bmean[c] += delta * w_new;
-        bm2[c] += double(chunk_m2[c]) + delta * delta * w_cross;
+        moments[b * C + c].merge(Moments::from_deviations(rows, shift[c], sum_d[c], sum_d2[c]));
       }
-      done = total;
     }
   }
 }
@@ -222,15 +229,13 @@ void bn_stats_nhwc(const scalar_t* x, int64_t M, int64_t C, at::opmath_type<scal
                    at::opmath_type<scalar_t>* var) {
   using acc_t = at::opmath_type<scalar_t>;
   const RowBlocks blocks(M, C);
-  std::vector<double> block_mean(blocks.count * C, 0.0), block_m2(blocks.count * C, 0.0);
+  std::vector<Moments> moments(blocks.count * C);
   at::parallel_for(0, blocks.count, 1, [&](int64_t b0, int64_t b1) {
-    stats_blocks(x, C, blocks, block_mean.data(), block_m2.data(), b0, b1);
+    stats_blocks(x, C, blocks, moments.data(), b0, b1);
   });
   for (int64_t c = 0; c < C; ++c) {
     Moments m;
-    for (int64_t b = 0; b < blocks.count; ++b) {
-      m.merge(double(blocks.end(b) - blocks.begin(b)), block_mean[b * C + c], block_m2[b * C + c]);
-    }
+    for (int64_t b = 0; b < blocks.count; ++b) m.merge(moments[b * C + c]);
     const auto [mu, v] = m.mean_var();
     mean[c] = acc_t(mu);
     var[c] = acc_t(v);

@@ -1,6 +1,13 @@
 #pragma once
 // Helpers shared by the CPU kernels in this folder: vector I/O in the accumulation type, a
 // compile-time switch for flags, and the work partitions of the two layouts (common/layout.h).
+//
+// Conventions of the kernels, both for the compiler's sake:
+// * the function looping over a parallel range takes its parameter struct by value: a local copy,
+//   which the output stores provably do not alias, so its pointers stay in registers (through a
+//   reference the compiler reloads them after every store);
+// * the per-vector-step functions are C10_ALWAYS_INLINE: otherwise GCC may keep a step out of line
+//   and pass its vectors through memory.
 
 #include <ATen/OpMathType.h>
 #include <ATen/cpu/vec/functional.h>
@@ -24,13 +31,6 @@ inline int64_t grain_for(int64_t elems) {
   return std::max<int64_t>(1, kGrainElems / std::max<int64_t>(elems, 1));
 }
 
-// Conventions of the kernels in this folder, both for the compiler's sake:
-// * the function looping over a parallel range takes its parameter struct by value: a local copy,
-//   which the output stores provably do not alias, so its pointers stay in registers (through a
-//   reference the compiler reloads them after every store);
-// * the per-vector-step functions are C10_ALWAYS_INLINE: otherwise GCC may keep a step out of line
-//   and pass its vectors through memory.
-
 // Calls f(std::integral_constant<T, v>{}) for the v among Values... that equals `value`, so that a
 // runtime flag or mode becomes a compile-time constant inside f:
 //   value_switch<false, true>(relu, [&](auto relu_c) { kernel<decltype(relu_c)::value>(...); });
@@ -51,6 +51,14 @@ struct VecIO {
   static constexpr int64_t kStep = Vectorized<scalar_t>::size();
   static constexpr int64_t kParts = kStep / Vec::size();
   using Pack = std::array<Vec, kParts>;
+
+  // All lanes zero (explicitly: older torch versions leave a default-constructed Vectorized
+  // uninitialised).
+  static C10_ALWAYS_INLINE Pack zero() {
+    Pack v;
+    v.fill(Vec(0));
+    return v;
+  }
 
   // n <= kStep values from p; lanes past n are zero.
   static C10_ALWAYS_INLINE Pack load(const scalar_t* p, int64_t n = kStep) {
@@ -92,9 +100,9 @@ struct VecIO {
 // NHWC reductions (rows of C contiguous values) split the M = N*H*W rows into blocks whose bounds
 // depend on the shape only, never on the thread count, so that results are bitwise reproducible.
 // Each block is reduced by one thread into its own per-channel partials; the partials are merged in
-// block order afterwards. Within a block, rows are taken in chunks of `chunk_rows` rows, small
-// enough (<= kChunkRows per channel lane, <= kChunkElems values) that float lane sums stay exact
-// to a few ulps and a second pass over the chunk hits cache.
+// block order afterwards. Within a block, rows are taken in chunks of `chunk_rows` rows: a float
+// lane sum then adds at most kChunkRows values before it is flushed into double, and a chunk
+// (<= kChunkElems values) stays in cache for a second pass over it.
 struct RowBlocks {
   static constexpr int64_t kMaxBlocks = 64;
   static constexpr int64_t kChunkElems = 16384;

@@ -19,15 +19,13 @@ The C++ kernels live in ``csrc/cpu/<op>.cpp`` and ``csrc/cuda/``; the plain-PyTo
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
-
 import torch
 from torch import Tensor
 from torch._prims_common import suggest_memory_format
 
 from .. import _extension
 
-__all__ = ["bn_stats", "bn_act", "bn_act_backward_reduce", "bn_act_backward_apply"]
+__all__ = ["bn_act", "bn_act_backward_apply", "bn_act_backward_reduce", "bn_stats"]
 
 
 def _op(name: str):
@@ -36,7 +34,7 @@ def _op(name: str):
     return getattr(torch.ops.resfuse, name).default
 
 
-def bn_stats(input: Tensor) -> Tuple[Tensor, Tensor]:
+def bn_stats(input: Tensor) -> tuple[Tensor, Tensor]:
     """Per-channel ``(mean, var)`` of ``input`` ``[N, C, H, W]`` over N, H and W.
 
     ``var`` is the biased variance (divided by ``N*H*W``). Both are ``[C]`` float32 (float64 for
@@ -46,8 +44,8 @@ def bn_stats(input: Tensor) -> Tuple[Tensor, Tensor]:
     return _op("bn_stats")(input)
 
 
-def bn_act(input: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor] = None,
-           res_scale: Optional[Tensor] = None, relu: bool = True) -> Tensor:
+def bn_act(input: Tensor, scale: Tensor, shift: Tensor, residual: Tensor | None = None,
+           res_scale: Tensor | None = None, relu: bool = True) -> Tensor:
     """``act(input * scale[c] + shift[c] + R)`` in one pass.
 
     ``R`` is ``residual * res_scale[c]`` when ``res_scale`` is given, ``residual`` when only
@@ -59,8 +57,8 @@ def bn_act(input: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tenso
 
 
 def bn_act_backward_reduce(grad_out: Tensor, output: Tensor, input: Tensor, mean: Tensor,
-                           residual: Optional[Tensor] = None, res_mean: Optional[Tensor] = None,
-                           relu: bool = True) -> Tuple[Tensor, Tensor, Tensor]:
+                           residual: Tensor | None = None, res_mean: Tensor | None = None,
+                           relu: bool = True) -> tuple[Tensor, Tensor, Tensor]:
     """Per-channel sums for the backward of :func:`bn_act`.
 
     Returns ``(sum_dz, sum_dz_xmu, sum_dz_rmu)``: the sums over N, H, W of ``dz``,
@@ -72,9 +70,9 @@ def bn_act_backward_reduce(grad_out: Tensor, output: Tensor, input: Tensor, mean
 
 
 def bn_act_backward_apply(grad_out: Tensor, output: Tensor, input: Tensor, a: Tensor, b: Tensor, d: Tensor,
-                          residual: Optional[Tensor] = None, res_a: Optional[Tensor] = None,
-                          res_b: Optional[Tensor] = None, res_d: Optional[Tensor] = None,
-                          relu: bool = True, residual_grad: bool = False) -> Tuple[Tensor, Tensor]:
+                          residual: Tensor | None = None, res_a: Tensor | None = None,
+                          res_b: Tensor | None = None, res_d: Tensor | None = None,
+                          relu: bool = True, residual_grad: bool = False) -> tuple[Tensor, Tensor]:
     """``(grad_input, grad_residual)`` for the backward of :func:`bn_act`, in one pass.
 
     ``grad_input = a[c] * dz + b[c] * input + d[c]``. ``grad_residual`` is

@@ -7,8 +7,6 @@ documented once, in :mod:`resfuse.ops.bn_act`.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
-
 import torch
 from torch import Tensor
 from torch._prims_common import suggest_memory_format
@@ -16,10 +14,6 @@ from torch._prims_common import suggest_memory_format
 
 def _param_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def _f64(t: Optional[Tensor]) -> Optional[Tensor]:
-    return None if t is None else t.to(torch.float64)
 
 
 def _channel(v: Tensor) -> Tensor:
@@ -41,7 +35,7 @@ def _relu_grad(grad_out: Tensor, output: Tensor, relu: bool) -> Tensor:
     return torch.where(output <= 0, torch.zeros_like(g), g)
 
 
-def bn_stats(input: Tensor) -> Tuple[Tensor, Tensor]:
+def bn_stats(input: Tensor) -> tuple[Tensor, Tensor]:
     """Per-channel mean and biased variance over N, H, W (NaN for an empty reduction)."""
     x = input.to(torch.float64)
     count = x.shape[0] * x.shape[2] * x.shape[3]
@@ -53,8 +47,8 @@ def bn_stats(input: Tensor) -> Tuple[Tensor, Tensor]:
     return mean.to(_param_dtype(input)), var.to(_param_dtype(input))
 
 
-def bn_act(input: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor] = None,
-           res_scale: Optional[Tensor] = None, relu: bool = True) -> Tensor:
+def bn_act(input: Tensor, scale: Tensor, shift: Tensor, residual: Tensor | None = None,
+           res_scale: Tensor | None = None, relu: bool = True) -> Tensor:
     """``act(input * scale[c] + shift[c] + R)``, R = ``residual * res_scale[c]`` | ``residual`` | 0."""
     y = input.to(torch.float64) * _channel(scale) + _channel(shift)
     if residual is not None:
@@ -66,8 +60,8 @@ def bn_act(input: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tenso
 
 
 def bn_act_backward_reduce(grad_out: Tensor, output: Tensor, input: Tensor, mean: Tensor,
-                           residual: Optional[Tensor] = None, res_mean: Optional[Tensor] = None,
-                           relu: bool = True) -> Tuple[Tensor, Tensor, Tensor]:
+                           residual: Tensor | None = None, res_mean: Tensor | None = None,
+                           relu: bool = True) -> tuple[Tensor, Tensor, Tensor]:
     """Per-channel ``(sum dz, sum dz*(input - mean), sum dz*(residual - res_mean) | [0])``."""
     if (residual is None) != (res_mean is None):
         raise ValueError("bn_act_backward_reduce: residual and res_mean must be given together")
@@ -84,9 +78,9 @@ def bn_act_backward_reduce(grad_out: Tensor, output: Tensor, input: Tensor, mean
 
 
 def bn_act_backward_apply(grad_out: Tensor, output: Tensor, input: Tensor, a: Tensor, b: Tensor, d: Tensor,
-                          residual: Optional[Tensor] = None, res_a: Optional[Tensor] = None,
-                          res_b: Optional[Tensor] = None, res_d: Optional[Tensor] = None,
-                          relu: bool = True, residual_grad: bool = False) -> Tuple[Tensor, Tensor]:
+                          residual: Tensor | None = None, res_a: Tensor | None = None,
+                          res_b: Tensor | None = None, res_d: Tensor | None = None,
+                          relu: bool = True, residual_grad: bool = False) -> tuple[Tensor, Tensor]:
     """``(a*dz + b*input + d, res_a*dz + res_b*residual + res_d | dz | [0])`` with per-channel coefficients."""
     dz = _relu_grad(grad_out, output, relu)
     grad_input = _channel(a) * dz + _channel(b) * input.to(torch.float64) + _channel(d)

@@ -37,6 +37,7 @@ class Config:
     num_stages: int
     dtypes: Tuple[str, ...] = DTYPES
     when: Tuple[Tuple[str, object], ...] = ()  # variant flags this config is restricted to
+    hot: Optional[bool] = None  # overrides the kernel's ``hot`` (None: inherit)
 
     def kwargs(self) -> dict:
         return dict(self.meta)
@@ -50,9 +51,9 @@ class Config:
         return all(variant.get(k) == v for k, v in self.when)
 
 
-def cfg(name, num_warps, num_stages, dtypes=DTYPES, when=None, **meta) -> Config:
+def cfg(name, num_warps, num_stages, dtypes=DTYPES, when=None, hot=None, **meta) -> Config:
     return Config(name, tuple(sorted(meta.items())), num_warps, num_stages, tuple(dtypes),
-                  tuple(sorted((when or {}).items())))
+                  tuple(sorted((when or {}).items())), hot)
 
 
 @dataclass
@@ -86,7 +87,10 @@ class KernelSpec:
 #  * 16-bit: BLOCK_K=64 (128 B rows: one 128-byte swizzle line of bf16, the wgmma/ldmatrix sweet spot),
 #    128x128 / 8 warps for large C_out (two consumer warpgroups of m64 on Hopper), 128x64 / 4 warps for
 #    C_out <= 64 (stage 1 of ResNet), 64x64 / 4 warps when 128-row tiles would leave SMs idle.
-#  * tf32: same shapes with BLOCK_K=32 (same bytes per K step as bf16 BK=64).
+#    sm_80 uses BLOCK_K=32 for 128x128 and BLOCK_K=64 elsewhere (what ptxas 12.8 and 12.9 both
+#    compiled without spills).
+#  * tf32: same shapes with BLOCK_K=32 (same bytes per K step as bf16 BK=64); on sm_80 the 128x64 tile
+#    spilled (ptxas 12.8 or 12.9 depending on the variant), so it is 64x128 there.
 #  * fp32 IEEE: no tensor cores (FMA dot); 64x64x16 / 4 warps (32x64 on sm_80): BLOCK_K=32 spills (the
 #    FMA dot keeps a whole K slice of both operands in registers).
 #  * FLAT_K (C_in < 16, i.e. the stem): one config per dtype, BLOCK_K=32 over the joint (kh, kw, ci) axis;
@@ -104,10 +108,10 @@ _CONV_TILES = {
     ],
     80: [
         ("m128n128k32_w8_s4", 128, 128, 32, 8, 4, ("bf16", "fp16")),
-        ("m128n64k32_w4_s4", 128, 64, 32, 4, 4, ("bf16", "fp16")),
+        ("m128n64k64_w4_s3", 128, 64, 64, 4, 3, ("bf16", "fp16")),
         ("m64n64k64_w4_s3", 64, 64, 64, 4, 3, ("bf16", "fp16")),
         ("m128n128k32_w8_s3", 128, 128, 32, 8, 3, ("tf32",)),
-        ("m128n64k32_w4_s3", 128, 64, 32, 4, 3, ("tf32",)),
+        ("m64n128k32_w4_s3", 64, 128, 32, 4, 3, ("tf32",)),
         ("m64n64k32_w4_s3", 64, 64, 32, 4, 3, ("tf32",)),
         ("m32n64k16_w4_s2", 32, 64, 16, 4, 2, ("fp32",)),
     ],
@@ -122,11 +126,15 @@ FLAT_K_MAX_CIN = 16  # C_in below this uses the flat-K loop
 
 
 def _conv_configs(arch):
+    # IEEE fp32 (FMA dot, no tensor cores) is the exactness path, not a speed path: not "hot", so a
+    # few bytes of ptxas spill there are reported by resfuse.aot but do not fail it.
     out = []
     for name, bm, bn, bk, w, s, dts in _CONV_TILES[arch]:
-        out.append(cfg(name, w, s, dts, {"FLAT_K": 0}, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8))
+        out.append(cfg(name, w, s, dts, {"FLAT_K": 0}, False if dts == ("fp32",) else None,
+                       BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8))
     for name, bm, bn, bk, w, s, dts in _CONV_FLAT_TILES[arch]:
-        out.append(cfg(name, w, s, dts, {"FLAT_K": 1}, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8))
+        out.append(cfg(name, w, s, dts, {"FLAT_K": 1}, False if dts == ("fp32",) else None,
+                       BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8))
     return out
 
 
@@ -241,6 +249,9 @@ class Unit:
     config: Config
     arch: int
 
+    def hot(self, spec: "KernelSpec") -> bool:
+        return spec.hot if self.config.hot is None else self.config.hot
+
     @property
     def variant_name(self) -> str:
         flags = ",".join(f"{k}={v}" for k, v in self.variant)
@@ -271,25 +282,26 @@ def arch_of(capability: Optional[Tuple[int, int]]) -> int:
 
 
 def pick_conv(arch: int, variant: dict, dtype: str, M: int, c_out: int, num_sms: int) -> Config:
-    """Shape-keyed, deterministic: BLOCK_N = 64 for C_out <= 64 else 128; 128-row tiles unless they
-    would leave more than half of the SMs idle, then 64x64."""
+    """Shape-keyed, deterministic. Wanted BLOCK_N: 64 for C_out <= 64, else 128. Preference:
+    128 x wanted (when the grid has at least half as many tiles as SMs), then 64 x wanted, then the
+    64-row config with the smallest BLOCK_N, then the first config."""
     cands = CONV.configs_for(arch, variant, dtype)
     if not cands:
         raise LookupError(f"no conv2d_fwd config for arch {arch}, dtype {dtype}, variant {variant}")
     if len(cands) == 1:
         return cands[0]
-
-    def ntiles(c):
-        return -(-M // c["BLOCK_M"]) * -(-c_out // c["BLOCK_N"])
-
     want_n = 64 if c_out <= 64 else 128
-    big = [c for c in cands if c["BLOCK_M"] == 128 and c["BLOCK_N"] == want_n]
-    if big and ntiles(big[0]) * 2 >= num_sms:
+
+    def find(bm, bn=None):
+        return [c for c in cands if c["BLOCK_M"] == bm and (bn is None or c["BLOCK_N"] == bn)]
+
+    big = find(128, want_n)
+    if big and 2 * (-(-M // 128)) * (-(-c_out // want_n)) >= num_sms:
         return big[0]
-    small = [c for c in cands if c["BLOCK_M"] == 64]
-    if small:
-        return small[0]
-    return (big or cands)[0]
+    for group in (find(64, want_n), sorted(find(64), key=lambda c: c["BLOCK_N"])):
+        if group:
+            return group[0]
+    return cands[0]
 
 
 def pick(kernel: str, arch: int, variant: dict, dtype: str) -> Config:
