@@ -193,7 +193,7 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=15, help="timed rounds per provider (default 15)")
     ap.add_argument("--what", choices=["layers", "model", "all"], default="all")
     args = ap.parse_args(argv)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32 NCHW, medians of {args.reps} "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32 (NCHW; CL = channels_last), medians of {args.reps} "
           f"interleaved rounds (ms)\n")
     print("| case | mode | fused | four-conv | compile(four-conv) | conv alone | four-conv / fused "
           "| compile / fused | fused / conv alone | fused CL | four-conv CL | conv alone CL | four-conv CL / fused CL "

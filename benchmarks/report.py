@@ -17,8 +17,8 @@ Output:
   then per suite one table — case, mode, variant, median ms (p20–p80), img/s, ×eager, ×compile,
   peak MiB (and % of floor where measured). ×X = (median of X) / (median of this variant) in the same group:
   above 1 means faster than X.
-* PNG (matplotlib, Agg): per suite, horizontal bars of the speed-up over ``eager`` for every variant of every
-  case (log scale; the line at 1 is eager).
+* PNG (matplotlib, Agg): one panel per suite, horizontal bars of the speed-up over ``eager`` (eager median /
+  variant median, log scale; the line at 1 is eager) for every other variant of every case and mode.
 """
 from __future__ import annotations
 
@@ -250,37 +250,38 @@ def chart(groups, path, title):
             suites.setdefault(rows[0]["suite"], []).append((g, rows))
     if not suites:
         raise SystemExit("report.py: no group has an 'eager' variant to chart against")
-    variants = sorted({r["variant"] for gs in suites.values() for _, rows in gs for r in rows}, key=_order)
+    variants = sorted({r["variant"] for gs in suites.values() for _, rows in gs for r in rows
+                       if r["variant"] != "eager"}, key=_order)  # eager is the line at 1
     cmap = plt.get_cmap("tab10")
     color = {v: cmap(i % 10) for i, v in enumerate(variants)}
-    heights = [max(1.5, 0.2 * sum(len(rows) + 1 for _, rows in gs)) for gs in suites.values()]
-    fig, axes = plt.subplots(len(suites), 1, figsize=(9, sum(heights) + 1.2), squeeze=False, layout="constrained",
-                             gridspec_kw={"height_ratios": heights})
+    nbars = [sum(len(rows) for _, rows in gs) + len(gs) for gs in suites.values()]
+    fig, axes = plt.subplots(1, len(suites), figsize=(5 * len(suites), 0.13 * max(nbars) + 1.6), squeeze=False,
+                             layout="constrained")
     xs = [r["x_eager"] for gs in suites.values() for _, rows in gs for r in rows if r["x_eager"]]
-    lo, hi = min(xs + [1.0]) / 1.15, max(xs + [1.0]) * 1.15
-    ticks_x = [t for t in (0.125, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 4, 6, 8, 16, 32) if lo <= t <= hi]
-    for ax, (suite, gs) in zip(axes[:, 0], suites.items()):
+    lo, hi = min(xs + [1.0]) / 1.1, max(xs + [1.0]) * 1.1
+    ticks_x = [t for t in (0.125, 0.25, 0.5, 0.75, 1, 1.25, 1.5, 2, 3, 4, 6, 8, 16, 32) if lo <= t <= hi]
+    for ax, (suite, gs) in zip(axes[0], suites.items()):
         y, ticks, labels = 0.0, [], []
-        for g, rows in gs:
-            n = len(rows)
+        for _, rows in gs:
+            rows = [r for r in rows if r["variant"] != "eager"]
             for i, r in enumerate(rows):
                 if r["x_eager"] is not None:
-                    ax.barh(y + i, r["x_eager"], color=color[r["variant"]], height=0.8)
-            ticks.append(y + (n - 1) / 2)
-            labels.append(f"{rows[0]['case']} ({rows[0]['mode']})")
-            y += n + 1
-        ax.set_yticks(ticks, labels, fontsize=8)
-        ax.set_ylim(y - 0.5, -1)
+                    ax.barh(y + i, r["x_eager"], color=color[r["variant"]], height=0.85)
+            ticks.append(y + (len(rows) - 1) / 2)
+            labels.append(f"{rows[0]['case']} {rows[0]['mode']}" if rows else "")
+            y += len(rows) + 1
+        ax.set_yticks(ticks, labels, fontsize=7)
+        ax.set_ylim(max(nbars) - 0.5, -1)
         ax.set_xscale("log")
         ax.set_xlim(lo, hi)
-        ax.set_xticks(ticks_x, [f"{t:g}" for t in ticks_x])
+        ax.set_xticks(ticks_x, [f"{t:g}" for t in ticks_x], fontsize=7)
         ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.axvline(1.0, color="k", lw=0.8)
         ax.set_title(suite, fontsize=10, loc="left")
         ax.grid(axis="x", alpha=0.3)
-    axes[-1, 0].set_xlabel("speed-up over eager (eager median / variant median; log scale)", fontsize=8)
+        ax.set_xlabel("speed-up over eager (log scale)", fontsize=8)
     handles = [plt.Rectangle((0, 0), 1, 1, color=color[v]) for v in variants]
-    fig.legend(handles, variants, loc="outside lower center", ncol=min(len(variants), 5), fontsize=8, frameon=False)
+    fig.legend(handles, variants, loc="outside lower center", ncol=len(variants), fontsize=8, frameon=False)
     fig.suptitle(title, fontsize=10)
     fig.savefig(path, dpi=120)
     plt.close(fig)

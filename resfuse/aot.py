@@ -42,9 +42,9 @@ import sys
 import tempfile
 import time
 import types
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
 
 if not __package__ and __name__ in ("__main__", "__mp_main__"):
     # Run as a script (``python resfuse/aot.py``, e.g. in a scratch venv with another triton and no torch):
@@ -120,9 +120,9 @@ _RE_SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+
 _RE_USED = re.compile(r"Used (\d+) registers(?:.*?(\d+) bytes smem)?")
 
 
-def parse_ptxas(log: str) -> Dict[str, dict]:
+def parse_ptxas(log: str) -> dict[str, dict]:
     """``{entry: {regs, smem_static, stack, spill_stores, spill_loads}}`` from a ``ptxas -v`` log."""
-    out: Dict[str, dict] = {}
+    out: dict[str, dict] = {}
     entries = set()
     current = None
     for line in log.splitlines():
@@ -158,9 +158,9 @@ def ptx_features(ptx: str) -> dict:
     return dict(mma=mma, copy=copy)
 
 
-def split_ptx_entries(ptx: str) -> Dict[str, str]:
+def split_ptx_entries(ptx: str) -> dict[str, str]:
     """``{entry name: its PTX text}`` (the text from its ``.entry`` to the next one)."""
-    parts = re.split(r"(?=^\s*\.(?:visible\s+)?\.?entry\s)", ptx, flags=re.M)
+    parts = re.split(r"(?=^\s*\.(?:visible\s+)?\.?entry\s)", ptx, flags=re.MULTILINE)
     out = {}
     for p in parts:
         m = re.match(r"\s*\.(?:visible\s+)?\.?entry\s+(\S+?)\s*\(", p)
@@ -194,7 +194,7 @@ def _load_file_module(path: str):
     return mod
 
 
-def load_specs(extra: Sequence[str] = ()) -> Dict[str, "object"]:
+def load_specs(extra: Sequence[str] = ()) -> dict[str, object]:
     _bare_package()
     from resfuse.triton import registry
     specs = dict(registry.KERNELS)
@@ -344,11 +344,11 @@ def _finish_row(row):
 # ------------------------------------------------------------------------------------------------
 # CUDA (.cu) units
 # ------------------------------------------------------------------------------------------------
-def cuda_files() -> List[Path]:
+def cuda_files() -> list[Path]:
     return sorted(CUDA_DIR.glob("*.cu")) if CUDA_DIR.is_dir() else []
 
 
-def find_nvcc() -> Optional[str]:
+def find_nvcc() -> str | None:
     for cand in (os.environ.get("NVCC"), shutil.which("nvcc"), "/usr/local/cuda/bin/nvcc"):
         if cand and Path(cand).exists():
             return cand
@@ -364,7 +364,7 @@ def _nvcc_version(nvcc: str) -> str:
         return f"unavailable ({e})"
 
 
-def _demangle(names: Sequence[str], nvcc: str) -> Dict[str, str]:
+def _demangle(names: Sequence[str], nvcc: str) -> dict[str, str]:
     tool = None
     for cand in (str(Path(nvcc).parent / "cu++filt"), shutil.which("cu++filt"), shutil.which("c++filt")):
         if cand and Path(cand).exists():
@@ -501,7 +501,7 @@ def _git_commit() -> str:
     return "uncommitted"
 
 
-def _fmt(row) -> List[str]:
+def _fmt(row) -> list[str]:
     def b(v):
         return "-" if v is None else str(v)
     spill = "-" if row["spill_stores"] is None else f"{row['spill_stores']}/{row['spill_loads']}"
@@ -533,11 +533,13 @@ def render_table(rows, markdown=False) -> str:
     return "\n".join(lines)
 
 
-def summarize(rows) -> List[dict]:
-    """Per (kernel, arch): count, register range, spills, max smem, occupancy range, mma/copy kinds."""
-    groups: Dict[tuple, List[dict]] = {}
+def summarize(rows) -> list[dict]:
+    """Per (kernel [dtype], arch): count, register range, spills, max smem, occupancy range, mma/copy."""
+    groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["kernel"], r["arch"]), []).append(r)
+        dt = r["variant"].split("|")[0]
+        name = f"{r['kernel']} [{dt}]" if dt in ("fp32", "tf32", "bf16", "fp16") else r["kernel"]
+        groups.setdefault((name, r["arch"]), []).append(r)
     out = []
     for (k, a), rs in groups.items():
         ok = [r for r in rs if r["regs"] is not None]
@@ -553,9 +555,9 @@ def summarize(rows) -> List[dict]:
     return out
 
 
-def render_summary_md(rows) -> List[str]:
-    lines = ["| kernel | arch | variants | failed | regs min-max | variants spilling (max B) | "
-             "max smem B | occupancy min-max | mma | async copy |", "|---|---|---|---|---|---|---|---|---|---|"]
+def render_summary_md(rows) -> list[str]:
+    lines = [("| kernel | arch | variants | failed | regs min-max | variants spilling (max B) | "
+              "max smem B | occupancy min-max | mma | async copy |"), "|---|---|---|---|---|---|---|---|---|---|"]
     for s in summarize(rows):
         occ = s["occupancy"]
         occ_s = "-" if occ[0] is None else f"{100 * occ[0]:.1f}%-{100 * occ[1]:.1f}%"
@@ -568,18 +570,19 @@ def render_summary_md(rows) -> List[str]:
 def render_markdown(rows, meta, arch_label, others=()) -> str:
     """The commit-ready report; ``others``: ``(meta, rows)`` of other runs (e.g. another Triton version)
     whose per-kernel summary is added."""
-    lines = [f"# Static kernel report: {arch_label}", "",
-             "Generated by `python -m resfuse.aot` (no GPU needed: Triton AOT compile + nvcc/ptxas). "
+    intro = ("Generated by `python -m resfuse.aot` (no GPU needed: Triton AOT compile + nvcc/ptxas). "
              "Nothing here is a measured speed. Columns: registers per thread; spill stores/loads in bytes; "
              "shared memory static+dynamic bytes per block (`?` = decided at launch); threads per block; "
              "theoretical occupancy (resident warps / 64) with its limiter; tensor-core instruction and async "
-             "copy found in the PTX.", ""]
+             "copy found in the PTX.")
+    lines = [f"# Static kernel report: {arch_label}", "", intro, ""]
     for k, v in meta.items():
         lines.append(f"- {k}: {v}")
     lines += ["", f"## Summary per kernel (triton {meta.get('triton')})", ""] + render_summary_md(rows)
     for m2, r2 in others:
-        lines += ["", f"## Summary per kernel with triton {m2.get('triton')} "
-                      f"(ptxas {m2.get('ptxas (Triton' + chr(39) + 's)')}, {m2.get('date')})", ""]
+        title = (f"## Summary per kernel with triton {m2.get('triton')} "
+                 f"(ptxas {m2.get('ptxas (Triton' + chr(39) + 's)')}, {m2.get('date')})")
+        lines += ["", title, ""]
         lines += render_summary_md(r2)
     lines += ["", f"## Every variant (triton {meta.get('triton')})", "", render_table(rows, markdown=True), ""]
     return "\n".join(lines)
@@ -598,7 +601,7 @@ class UsageError(Exception):
     pass
 
 
-def plan(archs: Sequence[int], pattern: Optional[str], extra: Sequence[str], with_cuda: bool):
+def plan(archs: Sequence[int], pattern: str | None, extra: Sequence[str], with_cuda: bool):
     """``(triton units, cuda (path, arch) pairs, hot flags)`` after filtering; raises UsageError."""
     for a in archs:
         if a not in ARCH_LIMITS:
@@ -619,13 +622,13 @@ def plan(archs: Sequence[int], pattern: Optional[str], extra: Sequence[str], wit
 
 def run(archs, pattern=None, extra=(), jobs=None, use_cache=True, with_cuda=True, log=print):
     """Compile everything planned; returns ``(rows, meta)``."""
-    units, cuda, hot = plan(archs, pattern, extra, with_cuda)
+    units, cuda, _ = plan(archs, pattern, extra, with_cuda)
     specs = load_specs(extra)
     t0 = time.time()
     tv = _triton_version()
     ptxas = {a: _ptxas_version(a) for a in archs}
     src_hash = {}
-    rows: List[Optional[dict]] = [None] * len(units)
+    rows: list[dict | None] = [None] * len(units)
     todo = []
     for i, u in enumerate(units):
         spec = specs[u.kernel]
@@ -640,7 +643,7 @@ def run(archs, pattern=None, extra=(), jobs=None, use_cache=True, with_cuda=True
             todo.append((i, key, u))
     nvcc = find_nvcc() if cuda else None
     nvcc_ver = _nvcc_version(nvcc) if nvcc else "not found"
-    cuda_rows: List[List[dict]] = [None] * len(cuda)
+    cuda_rows: list[list[dict]] = [None] * len(cuda)
     cuda_todo = []
     for j, (p, a) in enumerate(cuda):
         if nvcc is None:
@@ -688,7 +691,7 @@ def run(archs, pattern=None, extra=(), jobs=None, use_cache=True, with_cuda=True
                     cuda_rows[idx] = res
     all_rows = list(rows) + [r for rs in cuda_rows for r in rs]
     meta = {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "git commit": _git_commit(),
         "triton": tv,
         "ptxas (Triton's)": "; ".join(f"sm_{a}: {v}" for a, v in ptxas.items()),
@@ -700,7 +703,7 @@ def run(archs, pattern=None, extra=(), jobs=None, use_cache=True, with_cuda=True
     return all_rows, meta
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m resfuse.aot", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", default="80,90", help="comma-separated compute capabilities (default 80,90)")
@@ -733,7 +736,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(render_table(rows))
     for s in summarize(rows):
         occ = s["occupancy"]
-        print(f"# {s['kernel']:<32} {ARCH_LIMITS[s['arch']]['name']:<7} variants={s['variants']:<4} "
+        print(f"# {s['kernel']:<40} {ARCH_LIMITS[s['arch']]['name']:<7} variants={s['variants']:<4} "
               f"failed={s['failed']:<3} regs={s['regs'][0]}-{s['regs'][1]} spilling={s['spilling']} "
               f"smem<={s['smem_max']} occ={'-' if occ[0] is None else f'{100*occ[0]:.0f}-{100*occ[1]:.0f}%'} "
               f"mma={','.join(s['mma'])} copy={','.join(s['copy'])}")

@@ -365,7 +365,9 @@ def fuse(model: nn.Module, backend: str = "auto", inplace: bool = False,
 
     Sharing: every swapped module holds the original child modules, so Parameter and buffer objects —
     and ``state_dict`` keys — are unchanged; an optimizer built on ``model.parameters()`` before ``fuse``
-    keeps training the fused model. Instance attributes and hooks of a swapped module are carried over.
+    keeps training the fused model. Instance attributes and hooks of a swapped module are carried over;
+    methods its class adds beyond the forward path (timm's ``zero_init_last``, a Sequential subclass's
+    helpers) are not — ``unfuse`` gives the original class back.
 
     Args:
         backend: ``"auto"`` leaves the backend choice alone; any other name (``"reference"``, ``"cpu"``,
@@ -382,7 +384,7 @@ def fuse(model: nn.Module, backend: str = "auto", inplace: bool = False,
             conv's ``C_in``, dtype and device, unless given) through copies of the original and the fused
             model in eval mode (the user's modules, modes and statistics are untouched) and raise
             ``AssertionError`` with the worst relative error when they differ by more than
-            ``100 × resfuse.testing.tolerance(dtype)`` (whole-model tolerance).
+            ``min(100 × resfuse.testing.tolerance(dtype), 0.1)`` (a whole-model tolerance).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"resfuse.fuse: model must be a torch.nn.Module, got {type(model).__name__}")
@@ -491,7 +493,7 @@ def _verify(before: nn.Module, fused: nn.Module, example: torch.Tensor | None) -
                              f"{want_spec}")
     for w, g in zip(want_l, got_l):
         if isinstance(w, torch.Tensor) and w.is_floating_point():
-            err, tol = rel_error(g, w), 100 * tolerance(w.dtype)
+            err, tol = rel_error(g, w), min(100 * tolerance(w.dtype), 0.1)
             if not err <= tol:
                 raise AssertionError(f"resfuse.fuse(verify=True): fused and original outputs differ: worst "
                                      f"relative error {err:.3e} > {tol:.1e} ({w.dtype}, eval mode, input "

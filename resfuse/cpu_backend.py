@@ -206,11 +206,14 @@ class CpuBackend(Backend):
         pad, stride, dil = list(geom.padding), list(geom.stride), list(geom.dilation)
         if bias.dtype != x.dtype:  # bf16/fp16: oneDNN wants the bias in the activation dtype
             bias = bias.to(x.dtype)
+        # oneDNN's fused ReLU post-op maps NaN to 0 (a max instruction); resfuse keeps PyTorch's
+        # NaN-in, NaN-out, so the ReLU runs as an in-place pass of its own (a few % of the conv's time)
         if residual is None:
-            y = ops.conv(x, pw, bias, pad, stride, dil, geom.groups, "relu" if relu else "none", [], "")
+            y = ops.conv(x, pw, bias, pad, stride, dil, geom.groups, "none", [], "")
         else:
-            y = ops.binary(x, residual, pw, bias, pad, stride, dil, geom.groups, "add", 1.0,
-                           "relu" if relu else None, [], "")
+            y = ops.binary(x, residual, pw, bias, pad, stride, dil, geom.groups, "add", 1.0, None, [], "")
+        if relu:
+            y.relu_()
         if not cl and not y.is_contiguous():
             y = y.contiguous()  # NCHW in, NCHW out (the packed primitive computes in NHWC/blocked)
         return y

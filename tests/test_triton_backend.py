@@ -5,7 +5,7 @@ import os
 
 import pytest
 import torch
-import torch.nn as nn
+from torch import nn
 
 from resfuse.backends import Backend, ConvGeom, ReferenceBackend, instance
 from resfuse.testing import assert_close_ref, rand_activation

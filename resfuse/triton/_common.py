@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import functools
-from typing import Optional, Tuple
 
 import torch
 
-from ._jit import interpreting
 from . import registry
+from ._jit import interpreting
 
 DTYPE_KEY = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 #: tests set this: every output buffer a launcher allocates starts as NaN, so an element a kernel
@@ -27,7 +26,7 @@ def dense(x: torch.Tensor, cl: bool) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
 
 
-def layout_of(x: torch.Tensor) -> Tuple[torch.Tensor, bool]:
+def layout_of(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
     """``(dense x, channels_last?)``: the input's own layout, made dense (copy only if it was strided)."""
     if x.is_contiguous():
         return x, False
@@ -37,14 +36,14 @@ def layout_of(x: torch.Tensor) -> Tuple[torch.Tensor, bool]:
     return dense(x, cl), cl
 
 
-def vec(t: Optional[torch.Tensor], like: torch.Tensor) -> Optional[torch.Tensor]:
+def vec(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
     """A per-channel vector as contiguous float32 on ``like``'s device."""
     if t is None:
         return None
     return t.to(device=like.device, dtype=torch.float32).contiguous()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _dummy(device: str) -> torch.Tensor:
     return torch.zeros(16, dtype=torch.float32, device=device)
 
@@ -54,14 +53,14 @@ def dummy_f32(like: torch.Tensor) -> torch.Tensor:
     return _dummy(str(like.device))
 
 
-@functools.lru_cache(maxsize=None)
-def _device_facts(device: str) -> Tuple[int, int]:
+@functools.cache
+def _device_facts(device: str) -> tuple[int, int]:
     d = torch.device(device)
     props = torch.cuda.get_device_properties(d)
     return registry.arch_of((props.major, props.minor)), props.multi_processor_count
 
 
-def arch_and_sms(t: torch.Tensor) -> Tuple[int, int]:
+def arch_and_sms(t: torch.Tensor) -> tuple[int, int]:
     """``(registry arch, number of SMs)`` of ``t``'s device; the interpreter uses the sm_80 table."""
     if interpreting() or t.device.type != "cuda":
         return 80, INTERPRETER_SMS

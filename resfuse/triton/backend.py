@@ -13,8 +13,6 @@ benchmarks/NOTES.md). Grouped convolutions fall back to the base class (ATen con
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from ..backends import Backend, ConvGeom
@@ -32,14 +30,14 @@ class TritonBackend(Backend):
         self._ops = torch.ops.resfuse
 
     # -- availability ---------------------------------------------------------------------------
-    def available(self) -> Optional[str]:
+    def available(self) -> str | None:
         if interpreting():
             return None
         if not torch.cuda.is_available():
             return "no CUDA device (set TRITON_INTERPRET=1 to run the Triton kernels on CPU tensors)"
         return None
 
-    def supports(self, *tensors: Optional[torch.Tensor]) -> Optional[str]:
+    def supports(self, *tensors: torch.Tensor | None) -> str | None:
         want = "cpu" if interpreting() else "cuda"
         device = None
         for t in tensors:
@@ -62,7 +60,7 @@ class TritonBackend(Backend):
                 return f"tensor of {t.numel()} elements: the Triton kernels index with int32"
         return None
 
-    def supports_conv(self, x: torch.Tensor, w: torch.Tensor, geom: ConvGeom) -> Optional[str]:
+    def supports_conv(self, x: torch.Tensor, w: torch.Tensor, geom: ConvGeom) -> str | None:
         """Reason the Triton conv cannot run this convolution (the methods then fall back), or None."""
         if geom.groups != 1:
             return f"grouped convolution (groups={geom.groups}) is not implemented in the Triton conv"

@@ -5,14 +5,11 @@ channels_last). The ``torch.library`` wrappers that make these traceable are in 
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from . import registry
-from ._common import (DTYPE_KEY, arch_and_sms, cdiv, dense, dummy_f32, layout_of, new_f32, new_like, reduction_grid,
-                      vec)
-from .bn_kernels import (bn_act_kernel, bn_bwd_apply_kernel, bn_bwd_reduce_kernel, bn_stats_partial_kernel)
+from ._common import DTYPE_KEY, arch_and_sms, cdiv, dense, dummy_f32, layout_of, new_f32, new_like, reduction_grid, vec
+from .bn_kernels import bn_act_kernel, bn_bwd_apply_kernel, bn_bwd_reduce_kernel, bn_stats_partial_kernel
 from .conv_kernels import stats_merge_kernel
 
 _NEG_INF = float("-inf")
@@ -31,14 +28,14 @@ def merge_stats(part: torch.Tensor, pcount: torch.Tensor):
 
 
 def _geometry(x: torch.Tensor, cl: bool):
-    n, c, h, w = x.shape
+    n, _, h, w = x.shape
     return (1, n * h * w) if cl else (n, h * w)
 
 
 def bn_stats(x: torch.Tensor):
     """Per-channel mean and biased variance over N, H, W (float32)."""
     xd, cl = layout_of(x)
-    n, c = x.shape[0], x.shape[1]
+    c = x.shape[1]
     if xd.numel() == 0:
         nan = torch.full((c,), float("nan"), dtype=torch.float32, device=x.device)
         return nan, nan.clone()
@@ -54,11 +51,11 @@ def bn_stats(x: torch.Tensor):
     return merge_stats(part, pcount)
 
 
-def bn_act(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, residual: Optional[torch.Tensor] = None,
-           res_scale: Optional[torch.Tensor] = None, relu: bool = True) -> torch.Tensor:
+def bn_act(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, residual: torch.Tensor | None = None,
+           res_scale: torch.Tensor | None = None, relu: bool = True) -> torch.Tensor:
     """``act(x*scale[c] + shift[c] + R)`` with ``R = residual*res_scale[c] | residual | 0``."""
     xd, cl = layout_of(x)
-    n, c, h, w = x.shape
+    _, c, h, w = x.shape
     y = new_like(xd)
     if xd.numel() == 0:
         return y
@@ -77,7 +74,7 @@ def bn_act(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, residual: 
 def bn_act_backward_reduce(grad_out, output, x, mean, residual=None, res_mean=None, relu=True):
     """``(Σ dz, Σ dz (x − mean), Σ dz (r − res_mean))`` per channel; the last is ``[0]`` without residual."""
     xd, cl = layout_of(x)
-    n, c = x.shape[0], x.shape[1]
+    c = x.shape[1]
     f32 = dict(dtype=torch.float32, device=x.device)
     has_res = residual is not None
     if has_res != (res_mean is not None):
@@ -107,7 +104,7 @@ def bn_act_backward_apply(grad_out, output, x, a, b, d, residual=None, res_a=Non
                           relu=True, residual_grad=False):
     """``grad_input = a*dz + b*x + d``; ``grad_residual = res_a*dz + res_b*r + res_d`` | ``dz`` | ``[0]``."""
     xd, cl = layout_of(x)
-    n, c, h, w = x.shape
+    _, c, h, w = x.shape
     go = dense(grad_out, cl)
     out = dense(output, cl) if relu else xd
     mode = 0

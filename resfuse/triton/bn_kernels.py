@@ -15,7 +15,6 @@ Elementwise kernels are 1-D over the flat tensor; the channel of element ``o`` i
 ``(o // L) % C`` (NCHW). All arithmetic in fp32; ReLU is ``where(v < lo, lo, v)`` with a runtime
 ``lo`` (0 or -inf), which keeps NaN (as ``torch.relu`` does).
 """
-import triton
 import triton.language as tl
 
 from ._jit import kernel

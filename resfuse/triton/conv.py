@@ -11,7 +11,7 @@ way out (the output keeps the input's memory format). Run channels_last models f
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 import torch
 
@@ -37,7 +37,7 @@ def out_size(h: int, k: int, s: int, p: int, d: int) -> int:
     return (h + 2 * p - d * (k - 1) - 1) // s + 1
 
 
-def _residual_view(res: torch.Tensor, n, c_res, oh, ow) -> Tuple[torch.Tensor, int]:
+def _residual_view(res: torch.Tensor, n, c_res, oh, ow) -> tuple[torch.Tensor, int]:
     """``(tensor, pixel stride)`` so that residual element (m, c) is at ``m*ps + c``; copies to
     channels_last unless it already has that form (e.g. a channel slice ``s[:, :C]`` of a channels_last
     tensor, the RiR partial identity)."""
@@ -51,11 +51,11 @@ def _residual_view(res: torch.Tensor, n, c_res, oh, ow) -> Tuple[torch.Tensor, i
 
 
 def conv2d(x: torch.Tensor, w: torch.Tensor, stride: Sequence[int] = (1, 1), padding: Sequence[int] = (0, 0),
-           dilation: Sequence[int] = (1, 1), *, pro_scale: Optional[torch.Tensor] = None,
-           pro_shift: Optional[torch.Tensor] = None, pro_relu: bool = False,
-           epi_scale: Optional[torch.Tensor] = None, epi_shift: Optional[torch.Tensor] = None,
-           residual: Optional[torch.Tensor] = None, relu: bool = False, stats: bool = False,
-           config: Optional[registry.Config] = None):
+           dilation: Sequence[int] = (1, 1), *, pro_scale: torch.Tensor | None = None,
+           pro_shift: torch.Tensor | None = None, pro_relu: bool = False,
+           epi_scale: torch.Tensor | None = None, epi_shift: torch.Tensor | None = None,
+           residual: torch.Tensor | None = None, relu: bool = False, stats: bool = False,
+           config: registry.Config | None = None):
     """Fused conv (groups=1). Returns ``(y, mean, var)``; mean/var are ``None`` unless ``stats``.
 
     Rules (enforced; the AOT registry enumerates exactly these combinations): a prologue needs both
@@ -161,7 +161,8 @@ def _autotune(arch, variant, dkey, x, w, geo, M, c_out, launch):
             part = torch.empty((2, nm, c_out), dtype=torch.float32, device=x.device)
             pcount = torch.empty((nm,), dtype=torch.float32, device=x.device)
             try:
-                times.append((do_bench(lambda: launch(cfg, part, pcount), warmup=5, rep=20), cfg.name, cfg))
+                ms = do_bench(lambda c=cfg, p=part, k=pcount: launch(c, p, k), warmup=5, rep=20)
+                times.append((ms, cfg.name, cfg))
             except Exception:  # a config that does not fit this GPU is simply not a candidate
                 continue
         best = min(times, key=lambda t: (t[0], t[1]))[2]

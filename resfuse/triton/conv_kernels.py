@@ -30,7 +30,6 @@ Fusions (constexpr flags, one source):
   No atomics: results are bitwise deterministic run to run.
 * ReLU on the output: runtime lower bound ``out_lo`` (NaN propagates: ``where(v < lo, lo, v)``).
 """
-import triton
 import triton.language as tl
 
 from ._jit import kernel
@@ -97,7 +96,7 @@ def conv2d_fwd_kernel(
             b = tl.load(WP + offs_n[None, :] * K_TOT + kk[:, None], mask=b_mask, other=0.0)
             acc = tl.dot(a, b, acc, input_precision=PRECISION)
     else:
-        for step in range(0, K_STEPS):
+        for step in range(K_STEPS):
             tap = step // NUM_CB
             cb = step - tap * NUM_CB
             kh = tap // KW

@@ -19,8 +19,8 @@ Vocabulary
 """
 import itertools
 import os
-from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 ARCHS = (80, 90)
 ARCH_NAMES = {80: "sm_80 (A100)", 90: "sm_90a (H100/H200)"}
@@ -32,12 +32,12 @@ TRITON_TYPE = {"fp32": "fp32", "tf32": "fp32", "bf16": "bf16", "fp16": "fp16"}
 @dataclass(frozen=True)
 class Config:
     name: str
-    meta: Tuple[Tuple[str, object], ...]  # constexpr tile parameters, sorted
+    meta: tuple[tuple[str, object], ...]  # constexpr tile parameters, sorted
     num_warps: int
     num_stages: int
-    dtypes: Tuple[str, ...] = DTYPES
-    when: Tuple[Tuple[str, object], ...] = ()  # variant flags this config is restricted to
-    hot: Optional[bool] = None  # overrides the kernel's ``hot`` (None: inherit)
+    dtypes: tuple[str, ...] = DTYPES
+    when: tuple[tuple[str, object], ...] = ()  # variant flags this config is restricted to
+    hot: bool | None = None  # overrides the kernel's ``hot`` (None: inherit)
 
     def kwargs(self) -> dict:
         return dict(self.meta)
@@ -63,11 +63,11 @@ class KernelSpec:
     module: str                 # module defining ``attr`` (a LazyKernel)
     attr: str
     hot: bool                   # a register spill here fails ``resfuse.aot``
-    dtypes: Tuple[str, ...]
-    variants: List[dict]        # every fusion-flag combination a launcher can produce
-    configs: Dict[int, List[Config]]
-    pointer_types: Callable[[str], Dict[str, str]]   # dtype -> {pointer arg: triton element type}
-    floats: Tuple[str, ...] = ()                     # fp32 scalar args
+    dtypes: tuple[str, ...]
+    variants: list[dict]        # every fusion-flag combination a launcher can produce
+    configs: dict[int, list[Config]]
+    pointer_types: Callable[[str], dict[str, str]]   # dtype -> {pointer arg: triton element type}
+    floats: tuple[str, ...] = ()                     # fp32 scalar args
     div16: Callable[[dict], Sequence[str]] = lambda v: ()  # int args assumed divisible by 16
     constexpr_of_dtype: Callable[[str], dict] = lambda d: {}
     doc: str = ""
@@ -76,7 +76,7 @@ class KernelSpec:
         import importlib
         return getattr(importlib.import_module(self.module), self.attr)
 
-    def configs_for(self, arch: int, variant: dict, dtype: str) -> List[Config]:
+    def configs_for(self, arch: int, variant: dict, dtype: str) -> list[Config]:
         return [c for c in self.configs[arch] if c.applies(variant, dtype)]
 
 
@@ -138,7 +138,7 @@ def _conv_configs(arch):
     return out
 
 
-def conv_flag_combos() -> List[dict]:
+def conv_flag_combos() -> list[dict]:
     """Every flag combination ``conv.conv2d`` can launch (it enforces the same rules):
     ``EPILOGUE`` (bias / scale+shift, the inference form) excludes ``PROLOGUE`` and ``STATS``."""
     out = []
@@ -233,7 +233,7 @@ BN_BWD_APPLY = KernelSpec(
                              "RB": "fp32", "RD": "fp32", "GX": TRITON_TYPE[d], "GR": TRITON_TYPE[d]},
     div16=lambda v: ("C",), doc="grad_input = a*dz + b*x + d; grad_residual = dz | ra*dz + rb*r + rd")
 
-KERNELS: Dict[str, KernelSpec] = {k.name: k for k in (CONV, STATS_MERGE, BN_STATS, BN_ACT, BN_BWD_REDUCE,
+KERNELS: dict[str, KernelSpec] = {k.name: k for k in (CONV, STATS_MERGE, BN_STATS, BN_ACT, BN_BWD_REDUCE,
                                                        BN_BWD_APPLY)}
 
 
@@ -244,7 +244,7 @@ KERNELS: Dict[str, KernelSpec] = {k.name: k for k in (CONV, STATS_MERGE, BN_STAT
 class Unit:
     """One compilation: a kernel, one variant, one dtype, one config, one arch."""
     kernel: str
-    variant: Tuple[Tuple[str, object], ...]
+    variant: tuple[tuple[str, object], ...]
     dtype: str
     config: Config
     arch: int
@@ -258,7 +258,7 @@ class Unit:
         return f"{self.dtype}|{self.config.name}" + (f"|{flags}" if flags else "")
 
 
-def aot_units(kernels: Optional[Sequence[KernelSpec]] = None, archs: Sequence[int] = ARCHS) -> List[Unit]:
+def aot_units(kernels: Sequence[KernelSpec] | None = None, archs: Sequence[int] = ARCHS) -> list[Unit]:
     units = []
     for spec in (kernels if kernels is not None else KERNELS.values()):
         for arch in archs:
@@ -272,7 +272,7 @@ def aot_units(kernels: Optional[Sequence[KernelSpec]] = None, archs: Sequence[in
 # --------------------------------------------------------------------------------------------------
 # Deterministic choice of a config (the launchers call this)
 # --------------------------------------------------------------------------------------------------
-def arch_of(capability: Optional[Tuple[int, int]]) -> int:
+def arch_of(capability: tuple[int, int] | None) -> int:
     """The registry arch for a device capability: sm_9x -> 90, everything else (sm_80..sm_89, the
     interpreter) -> 80. Newer archs use the sm_90 table until they get their own."""
     if capability is None:
