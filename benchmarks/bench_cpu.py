@@ -225,6 +225,7 @@ def train_step(model, cl, loss="ce"):
         lo.backward()
         opt.step()
         return lo
+    step.params = list(model.parameters())
     return step
 
 
@@ -241,6 +242,7 @@ def block_train_step(block, cl):
         out = block(x)
         out.backward(g if not cl else g.contiguous(memory_format=CL))
         return out
+    step.params = params
     return step
 
 
@@ -398,8 +400,27 @@ def _rss():
     return {k: int(re.search(k + r":\s+(\d+)", s).group(1)) * 1024 for k in ("VmRSS", "VmHWM")}
 
 
+def _saved_bytes(fn, params):
+    """Bytes of the distinct storages autograd saves for backward during ``fn()`` (parameters
+    excluded): the activation memory a train step holds between forward and backward."""
+    seen, exclude = {}, {p.untyped_storage().data_ptr() for p in params}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in exclude:
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(seen.values())
+
+
 def measure_peak(kind, name, provider):
-    """In *this* process: peak extra bytes of one train step (see the module docstring)."""
+    """In *this* process: ``(peak, saved)`` bytes of one train step (see the module docstring).
+
+    ``peak``: VmHWM during the step minus VmRSS before it, with the previous step's gradients already
+    freed (so both include the new gradients). ``saved``: bytes autograd holds for backward."""
     if kind == "model":
         base, _ = make_model(name)
         x = torch.randn(TRAIN_BATCH, 3, TRAIN_HW, TRAIN_HW)
@@ -416,38 +437,49 @@ def measure_peak(kind, name, provider):
         args = (x, g)
     for _ in range(2):
         step(*args)
+    params = step.params
+    for p in params:
+        p.grad = None
     before = _rss()["VmRSS"]
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     step(*args)
-    return _rss()["VmHWM"] - before
+    peak = _rss()["VmHWM"] - before
+    for p in params:
+        p.grad = None
+    _, saved = _saved_bytes(lambda: step(*args), params)
+    return peak, saved
 
 
 def _peak_subprocess(kind, name, provider):
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
     code = (f"import sys; sys.path.insert(0, {HERE!r}); import bench_cpu as b; "
-            f"print('PEAK', b.measure_peak({kind!r}, {name!r}, {provider!r}))")
+            f"print('PEAK %d %d' % b.measure_peak({kind!r}, {name!r}, {provider!r}))")
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=1800)
-    m = re.search(r"PEAK (\d+)", r.stdout)
+    m = re.search(r"PEAK (\d+) (\d+)", r.stdout)
     if not m:
         raise RuntimeError(r.stderr[-3000:])
-    return int(m.group(1))
+    return int(m.group(1)), int(m.group(2))
 
 
 def run_memory(args):
     names = ["eager", "eager_cl", "resfuse"]
-    print(f"# peak memory of one train step (MiB above the pre-step RSS) — {_machine()}")
-    print("| case | " + " | ".join(names) + " | resfuse / eager | resfuse / eager_cl |")
-    print("|---" * (len(names) + 3) + "|")
+    print(f"# train step memory, MiB: peak above the pre-step RSS | saved for backward — {_machine()}")
+    print("| case | " + " | ".join(f"peak {n}" for n in names) + " | peak resfuse/eager | peak resfuse/eager_cl | "
+          + " | ".join(f"saved {n}" for n in names) + " | saved resfuse/eager |")
+    print("|---" * (2 * len(names) + 4) + "|")
     cases = [("model", a) for a in args.archs] + [("block", block_id(c)) for c in args.blocks]
-    ratios = []
+    worst = []
     for kind, name in cases:
-        peaks = {n: _peak_subprocess(kind, name, n) for n in names}
-        ratios.append(peaks["resfuse"] / peaks["eager"])
-        print(f"| {name} | " + " | ".join(f"{peaks[n] / 2**20:.1f}" for n in names)
-              + f" | {peaks['resfuse'] / peaks['eager']:.2f} | {peaks['resfuse'] / peaks['eager_cl']:.2f} |",
-              flush=True)
-    print(f"\nworst resfuse / eager: {max(ratios):.2f}")
+        res = {n: _peak_subprocess(kind, name, n) for n in names}
+        pk = {n: v[0] for n, v in res.items()}
+        sv = {n: v[1] for n, v in res.items()}
+        worst.append(pk["resfuse"] / pk["eager"])
+        print(f"| {name} | " + " | ".join(f"{pk[n] / 2**20:.1f}" for n in names)
+              + f" | {pk['resfuse'] / pk['eager']:.2f} | {pk['resfuse'] / pk['eager_cl']:.2f} | "
+              + " | ".join(f"{sv[n] / 2**20:.1f}" for n in names)
+              + f" | {sv['resfuse'] / sv['eager']:.2f} |", flush=True)
+    print(f"\nworst peak resfuse / eager: {max(worst):.2f}")
 
 
 # -- loss curves and profile ---------------------------------------------------------------------------------------

@@ -5,7 +5,8 @@ is the same work for every variant).
 Reference (``eager``): ``resfuse.reference.<model>()`` (torchvision's code for the ImageNet models). resfuse:
 ``resfuse.fuse(reference)`` (the same parameters), or for RiR ``resfuse.models.rir_cifar`` loaded from the
 four-conv reference ``resfuse.reference.rir.rir_cifar_ref`` (``load_into_fused``). Variants and
-measurements: ``benchmarks/conftest.py``. ``cifar_resnet20`` at batch 2 is the smoke case.
+measurements: ``benchmarks/conftest.py``. ``cifar_resnet20`` at batch 2 is the smoke case (collected only
+under ``-m smoke`` / ``RESFUSE_BENCH_QUICK=1``).
 
 Sizes (batch, image side): CPU small, ``--gpu-full`` in brackets.
 
@@ -52,9 +53,16 @@ if _rir_pair() is not None:
 SMOKE = "cifar_resnet20"
 
 
+def pytest_generate_tests(metafunc):
+    """The smoke case runs only in smoke (quick) sessions: its ~2 minutes of CPU compile buy nothing that
+    cifar_resnet56 does not show."""
+    if "model" in metafunc.fixturenames:
+        quick = metafunc.config.resfuse_bench.quick
+        metafunc.parametrize("model", [pytest.param(m, id=m.name, marks=[pytest.mark.smoke] if m.name == SMOKE else [])
+                                       for m in MODELS if quick or m.name != SMOKE])
+
+
 @pytest.mark.parametrize("mode", ["eval", "train"])
-@pytest.mark.parametrize("model", [pytest.param(m, id=m.name, marks=[pytest.mark.smoke] if m.name == SMOKE else [])
-                                   for m in MODELS])
 def test_model(benchmark, bench_run, bench_full, variant, model, mode):
     batch, side = model.full if bench_full else model.small
     bench_run(benchmark, variant, suite="models", case=model.name, mode=mode, batch=batch,

@@ -92,11 +92,17 @@ import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
 ROOT = str(HERE.parent)
-if importlib.util.find_spec("resfuse") is None:  # running from a checkout without PYTHONPATH; an installed
-    sys.path.insert(0, ROOT)                     # resfuse (e.g. the GPU session's build) takes precedence
+# resfuse is imported lazily, only when this folder's benchmarks run: a bare ``pytest`` at the root loads this
+# conftest too (before tests/conftest.py, which must set TRITON_INTERPRET before anything imports triton).
 
-import resfuse  # noqa: E402
-from resfuse import backends as _backends  # noqa: E402
+
+def _import_resfuse():
+    """``import resfuse`` (from the checkout when it is not installed; an installed resfuse, e.g. the GPU
+    session's build, takes precedence)."""
+    if importlib.util.find_spec("resfuse") is None:
+        sys.path.insert(0, ROOT)
+    import resfuse
+    return resfuse
 
 #: every variant name, in report order
 VARIANTS = ("eager", "eager_cl", "compile", "compile-max-autotune", "compile-freezing",
@@ -139,9 +145,10 @@ def _env_flag(name: str) -> bool:
 def _resfuse_variants(device: torch.device) -> list:
     """``resfuse-<name>`` for each backend usable on ``device`` (constructible and supporting a tensor there)."""
     out = []
+    from resfuse import backends
     probe = torch.empty(1, 8, 4, 4, device=device)
     for name in RESFUSE_BACKENDS.get(device.type, ()):
-        b, _ = _backends.instance(name)
+        b, _ = backends.instance(name)
         if b is not None and b.supports(probe) is None:
             out.append(f"resfuse-{name}")
     return out
@@ -212,7 +219,10 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "smoke: the benchmark subset CI runs at small sizes")
-    config.resfuse_bench = _make_settings(config)
+    config.resfuse_bench = None
+    if _targets_benchmarks(config):
+        _import_resfuse()
+        config.resfuse_bench = _make_settings(config)
 
 
 def _targets_benchmarks(config) -> bool:
@@ -250,6 +260,8 @@ def pytest_generate_tests(metafunc):
 def pytest_collection_modifyitems(config, items):
     """Deselect eval-only variants in train mode, and compile variants when compile is off."""
     s = config.resfuse_bench
+    if s is None:
+        return
     keep, drop = [], []
     for item in items:
         if HERE not in Path(item.path).parents:
@@ -268,6 +280,8 @@ def pytest_collection_modifyitems(config, items):
 
 def pytest_report_header(config):
     s = config.resfuse_bench
+    if s is None:
+        return None
     return (f"resfuse benchmarks: device {s.device} ({_device_name(s.device)}), "
             f"{'full' if s.full else 'small'} sizes, {'quick (smoke)' if s.quick else 'normal'} mode, "
             f"variants {', '.join(s.variants)}; threads {torch.get_num_threads()}, clock {s.clock}, "
@@ -310,6 +324,7 @@ def _triton_version() -> str:
 
 
 def _stamp() -> dict:
+    resfuse = _import_resfuse()
     commit = os.environ.get("GIT_COMMIT") or _run("git", "rev-parse", "--short", "HEAD") or "unknown"
     dirty = _run("git", "status", "--porcelain", "--untracked-files=no")
     s = {
@@ -341,12 +356,16 @@ def bench_env() -> dict:
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):
+    if config.resfuse_bench is None:
+        return
     machine_info["cpu_model"] = _cpu_model()
     machine_info["loadavg"] = [round(x, 2) for x in os.getloadavg()]
     machine_info["torch_threads"] = torch.get_num_threads()
 
 
 def pytest_benchmark_update_json(config, benchmarks, output_json):
+    if config.resfuse_bench is None:
+        return
     env = dict(_STAMP or _stamp())
     env["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     s = config.resfuse_bench
@@ -570,9 +589,13 @@ def bench_run(bench_settings, bench_env, device_rates):
     * ``mode``: ``"eval"`` (no_grad forward, BN running stats) or ``"train"`` (forward + backward with
       batch statistics; gradients reset each step, no optimizer step).
 
+    Every variant gets ``build()``'s module under the same seed, with its BatchNorms given the same random
+    affine parameters and running statistics (so eval-mode BN folding is not free), and the same inputs.
     Sets ``benchmark.group = f"{suite}/{case}/{mode}"`` and fills ``benchmark.extra_info``.
     """
     s = bench_settings
+    resfuse = _import_resfuse()
+    from resfuse import backends
 
     def run(benchmark, variant, *, suite: str, case: str, mode: str, batch: int, build: Callable,
             fuse: Callable, inputs: Callable, info: Optional[dict] = None):
@@ -592,7 +615,7 @@ def bench_run(bench_settings, bench_env, device_rates):
             if variant.startswith("resfuse-"):
                 backend = variant.split("-", 1)[1]
                 model = fuse(model)
-                prev = _backends.get_backend_name()
+                prev = backends.get_backend_name()
                 # process-wide (not the thread-local use_backend): CUDA's autograd runs backward on its own thread
                 resfuse.set_backend(backend)
                 stack.callback(resfuse.set_backend, prev)

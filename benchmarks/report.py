@@ -1,6 +1,6 @@
 """Turn pytest-benchmark JSON files into a Markdown report and a PNG chart.
 
-    python benchmarks/report.py results.json [more.json ...] --md out.md --png out.png [--title TEXT]
+    python benchmarks/report.py results.json [more.json ...] --md out.md --png out.png [--title T] [--note N]
 
 Input: files written by ``pytest benchmarks/... --benchmark-json=FILE``. Several files are merged; an entry
 that appears in several files (same group and variant) is *pooled*: its per-round times (``times_ms``) are
@@ -220,8 +220,10 @@ def suite_table(groups, suite) -> list:
     return lines
 
 
-def markdown(groups, stamp, title) -> str:
+def markdown(groups, stamp, title, note=None) -> str:
     out = [f"# {title}", ""] + stamp_lines(stamp) + [""]
+    if note:
+        out += [f"> {note}", ""]
     out += [("×X = median of X / median of the row's variant, same case and mode (above 1: faster than X; bold ≥ 1). "
              "Medians of per-round times with the 20th–80th percentiles. "
              "Peak MiB: extra memory one step allocates above what is resident before it (see benchmarks/README.md). "
@@ -254,12 +256,13 @@ def chart(groups, path, title):
                        if r["variant"] != "eager"}, key=_order)  # eager is the line at 1
     cmap = plt.get_cmap("tab10")
     color = {v: cmap(i % 10) for i, v in enumerate(variants)}
-    nbars = [sum(len(rows) for _, rows in gs) + len(gs) for gs in suites.values()]
+    nbars = [sum(len([r for r in rows if r["variant"] != "eager"]) + 1 for _, rows in gs) for gs in suites.values()]
     fig, axes = plt.subplots(1, len(suites), figsize=(5 * len(suites), 0.13 * max(nbars) + 1.6), squeeze=False,
                              layout="constrained")
     xs = [r["x_eager"] for gs in suites.values() for _, rows in gs for r in rows if r["x_eager"]]
     lo, hi = min(xs + [1.0]) / 1.1, max(xs + [1.0]) * 1.1
-    ticks_x = [t for t in (0.125, 0.25, 0.5, 0.75, 1, 1.25, 1.5, 2, 3, 4, 6, 8, 16, 32) if lo <= t <= hi]
+    fine = (0.5, 0.75, 1, 1.25, 1.5, 2, 3, 4) if hi / lo < 8 else (1 / 32, 1 / 16, 0.125, 0.25, 0.5, 1, 2, 4, 8, 16, 32)
+    ticks_x = [t for t in fine if lo <= t <= hi]
     for ax, (suite, gs) in zip(axes[0], suites.items()):
         y, ticks, labels = 0.0, [], []
         for _, rows in gs:
@@ -293,6 +296,7 @@ def main(argv=None) -> int:
     p.add_argument("--md", help="write the Markdown report here (default: stdout)")
     p.add_argument("--png", help="write the chart here")
     p.add_argument("--title", default=None, help="report title (default: from the device)")
+    p.add_argument("--note", default=None, help="a paragraph quoted under the stamp (e.g. how to read this run)")
     args = p.parse_args(argv)
     rows, stamp = load(args.json)
     if not rows:
@@ -301,7 +305,7 @@ def main(argv=None) -> int:
     groups = by_group(rows)
     dev = (stamp.get("settings") or {}).get("device") or ""
     title = args.title or f"resfuse benchmarks: {stamp.get('gpu') or stamp.get('cpu') or dev}"
-    md = markdown(groups, stamp, title)
+    md = markdown(groups, stamp, title, args.note)
     if args.md:
         os.makedirs(os.path.dirname(os.path.abspath(args.md)), exist_ok=True)
         with open(args.md, "w") as f:

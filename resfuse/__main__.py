@@ -14,7 +14,7 @@ import time
 import torch
 
 import resfuse
-from resfuse.testing import rel_error, tolerance
+from resfuse.testing import rel_error, rel_error_l2
 
 
 def _timer(device):
@@ -63,20 +63,25 @@ def main(argv=None) -> int:
     print(resfuse.explain(fused))
 
     x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
-    # correctness: eval output and one train step's gradients, fused vs plain
+    # correctness: eval output and one train step's gradients, fused (fp32) and plain (fp32) each
+    # against plain PyTorch in float64; resfuse passes when its error is at most 4x plain fp32's own
     ref.eval(), fused.eval()
+    ref64 = copy.deepcopy(ref).double()
     with torch.no_grad():
-        e = rel_error(fused(x), ref(x))
+        truth = ref64(x.double())
+        e_ours, e_plain = rel_error(fused(x), truth), rel_error(ref(x), truth)
     ref_t, fused_t = copy.deepcopy(ref).train(), copy.deepcopy(fused).train()
     ref_t.load_state_dict(fused_t.state_dict())
-    lr = ref_t(x).float().square().mean()
-    lf = fused_t(x).float().square().mean()
-    lr.backward(), lf.backward()
-    ge = max(rel_error(a.grad, b.grad) for a, b in zip(fused_t.parameters(), ref_t.parameters())
-             if a.grad is not None)
-    ok = e <= 100 * tolerance(torch.float32) and ge <= 1e-2
-    print(f"\ncheck vs plain PyTorch ({args.model}, batch {batch}, {size}x{size}, fp32, channels_last): "
-          f"eval output rel. error {e:.2e}, train-step gradient rel. error {ge:.2e} -> {'OK' if ok else 'MISMATCH'}")
+    ref64.train()
+    grads = []
+    for m, inp in ((fused_t, x), (ref_t, x), (ref64, x.double())):
+        m(inp).double().square().mean().backward()
+        grads.append(torch.cat([p.grad.flatten().double() for p in m.parameters()]))
+    g_ours, g_plain = rel_error_l2(grads[0], grads[2]), rel_error_l2(grads[1], grads[2])
+    ok = (e_ours <= 4 * e_plain + 1e-5) and (g_ours <= 4 * g_plain + 1e-5)
+    print(f"\ncheck vs plain PyTorch in float64 ({args.model}, batch {batch}, {size}x{size}, channels_last), "
+          f"relative errors resfuse fp32 / plain fp32:\n  eval output {e_ours:.2e} / {e_plain:.2e}, "
+          f"train-step gradients (L2) {g_ours:.2e} / {g_plain:.2e} -> {'OK' if ok else 'MISMATCH'}")
 
     timer = _timer(device)
 

@@ -394,11 +394,10 @@ def fuse(model: nn.Module, backend: str = "auto", inplace: bool = False,
         be, reason = backends.instance(backend)
         if be is None:
             raise backends.BackendUnavailable(f"resfuse.fuse: backend {backend!r} is not available: {reason}")
-    before = _share_copy(model) if verify is not False else None
-    fused = _transform(model if inplace else _share_copy(model), _swap_in, {})
-    if before is not None:
+    if verify is not False:  # on a copy first, so that a failed check leaves the model as it was
         with backends.use_backend(backend) if backend != "auto" else contextlib.nullcontext():
-            _verify(before, fused, None if verify is True else verify)
+            _verify(model, _transform(_share_copy(model), _swap_in, {}), None if verify is True else verify)
+    fused = _transform(model if inplace else _share_copy(model), _swap_in, {})
     if backend != "auto":
         backends.set_backend(backend)
     return fused
@@ -470,14 +469,15 @@ def _norm_reason(parent: nn.Module, v: _Verdict, bn: nn.Module, where: str) -> s
     return f"run by {where} ({_name(type(parent))}), whose forward resfuse does not know"
 
 
-def _verify(before: nn.Module, fused: nn.Module, example: torch.Tensor | None) -> None:
+def _verify(model: nn.Module, fused: nn.Module, example: torch.Tensor | None) -> None:
+    """Eval-mode outputs of ``model`` and ``fused`` on ``example`` agree (run on copies: modes untouched)."""
     if example is None:
-        conv = next((m for m in before.modules() if isinstance(m, nn.Conv2d)), None)
+        conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
         if conv is None:
             raise ValueError("resfuse.fuse(verify=True): the model has no Conv2d to size a random input by; "
                              "pass an example input as verify=tensor")
         example = torch.randn(2, conv.in_channels, 64, 64, dtype=conv.weight.dtype, device=conv.weight.device)
-    plain, fast = _share_copy(before).eval(), _share_copy(fused).eval()
+    plain, fast = _share_copy(model).eval(), _share_copy(fused).eval()
     with torch.no_grad():
         try:
             want = plain(example)

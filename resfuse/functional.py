@@ -131,7 +131,7 @@ def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: Optional[torch.dtype] = 
 
     ``w'`` has the conv weight's dtype (or ``dtype``), ``b'`` is float32 (float64 for float64 weights).
     Cached per conv module and invalidated when any of the tensors involved changes (their version
-    counters, identities, dtype or device) — so an optimizer step, ``load_state_dict``, ``.to()`` or
+    counters, identities, storage (``param.data = ...``), dtype or device) — so an optimizer step, ``load_state_dict``, ``.to()`` or
     a manual in-place edit is seen by the next call. ``weight`` replaces ``conv.weight``.
     """
     w = conv.weight if weight is None else weight
@@ -141,8 +141,8 @@ def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: Optional[torch.dtype] = 
     cache = weight is None and not torch.compiler.is_compiling()
     key = None
     if cache:
-        key = (dtype, bn.eps) + tuple((id(t), t._version, t.device, t.dtype) if t is not None else None
-                                      for t in tensors)
+        key = (dtype, bn.eps) + tuple((id(t), t._version, t.data_ptr(), t.device, t.dtype) if t is not None
+                                      else None for t in tensors)
         hit = _FOLD_CACHE.get(conv)
         if hit is not None and hit[0] == key:
             return hit[1], hit[2]

@@ -51,7 +51,7 @@ def test_real_models(name, tv, timm):
     else:  # timm's ResNet runs its stem in its own forward: left, and said so
         assert [line.split()[0] for line in report["left"]] == ["bn1"]
         assert "timm.models.resnet.ResNet" in report["left"][0]
-    check_fused_model(plain, torch.randn(2, 3, 64, 64), float64=float64)
+    check_fused_model(plain, torch.randn(2, 3, 48, 48), float64=float64)
 
 
 def test_timm_extras_are_left_with_reasons(timm):
@@ -88,7 +88,7 @@ def test_timm_deep_stem_and_avg_downsample(timm):
     fused = resfuse.fuse(plain)
     assert type(fused.conv1) is FusedSequential  # conv-bn-act ×2 + conv
     assert type(fused.layer2[0].downsample) is FusedSequential  # AvgPool, conv, bn
-    check_fused_model(plain, torch.randn(2, 3, 64, 64), float64=False)
+    check_fused_model(plain, torch.randn(2, 3, 48, 48), float64=False)
 
 
 def test_torchvision_conv_norm_activation(tv):

@@ -417,8 +417,10 @@ def test_verify_passes_and_leaves_the_model_alone():
 def test_verify_catches_a_wrong_fused_model(monkeypatch):
     real = resfuse.functional.conv_bn_chain
     monkeypatch.setattr(resfuse.functional, "conv_bn_chain", lambda *a, **k: real(*a, **k) * 1.01)
+    stage = nn.Sequential(reference.BasicBlock(4, 4))
     with pytest.raises(AssertionError, match="worst relative error"):
-        resfuse.fuse(reference.cifar_resnet(8), verify=True)
+        resfuse.fuse(stage, inplace=True, verify=True)
+    assert type(stage[0]) is reference.BasicBlock  # a failed check changes nothing, even in place
 
 
 def test_verify_needs_an_input_it_can_run():
