@@ -18,7 +18,7 @@ from resfuse.testing import assert_close_ref, assert_error_ratio
 
 REAL = {  # name: (constructor, fused blocks, float64 check too)
     "tv_resnet18": (lambda tv, timm: tv.models.resnet18(), 8, True),
-    "tv_resnet50": (lambda tv, timm: tv.models.resnet50(), 16, True),
+    "tv_resnet50": (lambda tv, timm: tv.models.resnet50(), 16, False),
     "tv_resnext50_32x4d": (lambda tv, timm: tv.models.resnext50_32x4d(), 16, False),
     "tv_wide_resnet50_2": (lambda tv, timm: tv.models.wide_resnet50_2(), 16, False),
     "timm_resnet18": (lambda tv, timm: timm.create_model("resnet18"), 8, True),
@@ -51,7 +51,7 @@ def test_real_models(name, tv, timm):
     else:  # timm's ResNet runs its stem in its own forward: left, and said so
         assert [line.split()[0] for line in report["left"]] == ["bn1"]
         assert "timm.models.resnet.ResNet" in report["left"][0]
-    check_fused_model(plain, torch.randn(2, 3, 48, 48), float64=float64)
+    check_fused_model(plain, torch.randn(2, 3, 40, 40), float64=float64)
 
 
 def test_timm_extras_are_left_with_reasons(timm):

@@ -131,6 +131,26 @@ def test_conv_bias_act_matches_aten(path, case, fmt, residual, relu):
             assert out.is_contiguous()
 
 
+@pytest.mark.parametrize("residual", [False, True])
+def test_nan_and_inf_propagate(path, residual):
+    """NaN in, NaN out, as eager: oneDNN's fused ReLU post-op would map NaN to 0."""
+    be = backends.instance("cpu")[0]
+    x = torch.randn(2, 8, 6, 6).contiguous(memory_format=CL)
+    x[0, 1, 2, 2] = float("nan")
+    x[1, 2, 3, 3] = float("inf")
+    w = torch.randn(8, 8, 1, 1)
+    b = torch.randn(8)
+    r = torch.randn(2, 8, 6, 6).contiguous(memory_format=CL) if residual else None
+    ref = F.conv2d(x, w, b) + (r if residual else 0)
+    ref = ref.relu()
+    for _ in range(2):
+        out = be.conv_bias_act(x, w, b, ConvGeom((1, 1), (0, 0), (1, 1), 1), r, True)
+        assert torch.equal(out.isnan(), ref.isnan())
+        assert torch.equal(out.isinf(), ref.isinf())
+        fin = ref.isfinite()
+        assert _rel(out[fin], ref[fin]) < 1e-5
+
+
 def test_fast_path_is_taken(monkeypatch):
     if _onednn_reason() is not None:
         pytest.skip(_onednn_reason())
@@ -227,11 +247,8 @@ def _sgd_step(m):
 
 @pytest.mark.parametrize("mutation", list(MUTATIONS))
 def test_forward_sees_changed_parameters(path, mutation):
-    if mutation == "param_data_assign":
-        pytest.xfail("fold_bn's cache key (id, _version) misses `param.data = t` (same id and version "
-                     "counter); reported to the lead with a patch adding data_ptr() to the key")
     fused, ref = _model_pair()
-    x = torch.randn(2, 3, 48, 48).contiguous(memory_format=CL)
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=CL)
     with torch.no_grad():
         for _ in range(2):  # the second forward uses the packed weights
             assert _rel(fused(x), ref(x)) < 1e-4
@@ -244,7 +261,7 @@ def test_forward_sees_changed_parameters(path, mutation):
 
 def test_train_mode_switch_invalidates(path):
     fused, ref = _model_pair()
-    x = torch.randn(4, 3, 48, 48).contiguous(memory_format=CL)
+    x = torch.randn(4, 3, 32, 32).contiguous(memory_format=CL)
     with torch.no_grad():
         fused(x), fused(x)
     fused.train(), ref.train()
@@ -258,7 +275,7 @@ def test_train_mode_switch_invalidates(path):
 @pytest.mark.parametrize("cast", ["double", "bfloat16", "float_again"])
 def test_cast_invalidates(path, cast):
     fused, ref = _model_pair()
-    x = torch.randn(2, 3, 48, 48).contiguous(memory_format=CL)
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=CL)
     with torch.no_grad():
         fused(x), fused(x)
         if cast == "double":
@@ -282,7 +299,7 @@ def test_two_models_one_process(path):
     rb = _randomize_bn(reference.resnet18(num_classes=10)).eval()
     b = models.resnet18(num_classes=10).eval()
     b.load_state_dict(rb.state_dict())
-    x = torch.randn(2, 3, 48, 48).contiguous(memory_format=CL)
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=CL)
     with torch.no_grad():
         for _ in range(2):
             assert _rel(a(x), ra(x)) < 1e-4
