@@ -70,10 +70,7 @@ def fuse_block(ref: nn.Module) -> nn.Module:
 
 def pytest_generate_tests(metafunc):
     if "block" in metafunc.fixturenames:
-        s = metafunc.config.resfuse_bench
-        names = list(CASES) if s.full else CPU_CASES
-        metafunc.parametrize("block", [pytest.param(CASES[n], id=n, marks=[pytest.mark.smoke] if n == SMOKE else [])
-                                       for n in names])
+        metafunc.parametrize("block", metafunc.config.resfuse_bench.cases(CASES, CPU_CASES, SMOKE))
 
 
 @pytest.mark.parametrize("mode", ["eval", "train"])

@@ -8,7 +8,7 @@ Two ways to run it:
       pytest benchmarks/bench_cpu.py --benchmark-only --benchmark-group-by=group \\
           --benchmark-columns=median,iqr,rounds --benchmark-sort=name
 
-* **the tables of docs/cpu.md** (providers interleaved round-robin, medians, markdown out; this is
+* **the tables for the README / benchmarks/results** (providers interleaved round-robin, medians, markdown out; this is
   what to trust on a shared 2-core machine, where a sequential run drifts with the neighbours' load)::
 
       python benchmarks/bench_cpu.py models   # eval, resnet18/50, batch 1 and 4, 224x224
@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import os
 import re
@@ -66,6 +65,7 @@ if ROOT not in sys.path:
 
 import resfuse  # noqa: E402
 from resfuse import cpu_backend, layout, reference  # noqa: E402
+from resfuse.testing import randomize_bn  # noqa: E402
 
 CL = torch.channels_last
 EVAL_BATCHES = (1, 4)
@@ -105,18 +105,6 @@ def torchvision_models():
         sys.path.pop(0)
 
 
-def _randomize_bn(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.bias.copy_(torch.rand(m.num_features, generator=g) * 0.4 - 0.2)
-                m.running_mean.copy_(torch.rand(m.num_features, generator=g) * 0.4 - 0.2)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-    return model
-
-
 def make_model(arch):
     """``(model, source)``: torchvision's ``arch`` (else resfuse.reference's, same structure)."""
     torch.manual_seed(0)
@@ -134,7 +122,7 @@ def make_block(case):
     down = None
     if stride != 1 or cin != out:
         down = nn.Sequential(nn.Conv2d(cin, out, 1, stride, bias=False), nn.BatchNorm2d(out))
-    return _randomize_bn(cls(cin, planes, stride, down))
+    return randomize_bn(cls(cin, planes, stride, down))
 
 
 def fused(model):
@@ -321,7 +309,7 @@ def _machine():
             f"{cpu_backend.onednn_status() or 'available'}")
 
 
-# -- runners for docs/cpu.md ----------------------------------------------------------------------------------
+# -- runners for the README tables ----------------------------------------------------------------------------------
 def run_models(args):
     names = args.providers or ["eager", "eager_cl", "compile_freeze", "resfuse", "resfuse_portable"]
     print(f"# eval, {EVAL_HW}x{EVAL_HW}, fp32 — {_machine()}")
@@ -329,7 +317,7 @@ def run_models(args):
     print("|---" * (len(names) + 5) + "|")
     for arch in args.archs:
         base, src = make_model(arch)
-        _randomize_bn(base)
+        randomize_bn(base)
         base.eval()
         for bs in args.batches:
             x = torch.randn(bs, 3, EVAL_HW, EVAL_HW)
@@ -615,7 +603,7 @@ MODEL_EVAL = ["eager", "eager_cl", "compile", "compile_freeze", "resfuse", "resf
 def test_model_eval(benchmark, _cpu_backend, arch, batch, provider):
     benchmark.group = f"eval-{arch}-b{batch}"
     base, src = make_model(arch)
-    fn = eval_providers(_randomize_bn(base), [provider])[provider]
+    fn = eval_providers(randomize_bn(base), [provider])[provider]
     _bench(benchmark, fn, (torch.randn(batch, 3, EVAL_HW, EVAL_HW),), provider=provider, source=src)
 
 

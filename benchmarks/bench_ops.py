@@ -86,10 +86,7 @@ class FusedConvBNAct(nn.Module):
 
 def pytest_generate_tests(metafunc):
     if "shape" in metafunc.fixturenames:
-        s = metafunc.config.resfuse_bench
-        names = list(SHAPES) if s.full else CPU_SHAPES
-        metafunc.parametrize("shape", [pytest.param(SHAPES[n], id=n, marks=[pytest.mark.smoke] if n == SMOKE else [])
-                                       for n in names])
+        metafunc.parametrize("shape", metafunc.config.resfuse_bench.cases(SHAPES, CPU_SHAPES, SMOKE))
 
 
 @pytest.mark.parametrize("mode", ["eval", "train"])

@@ -82,9 +82,9 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
 
 import pytest
 import torch
@@ -130,12 +130,18 @@ class BenchSettings:
     max_rounds: int
     min_rounds: int
     max_time: float
-    amp_dtype: Optional[torch.dtype]  # autocast dtype (bf16 on CUDA), None for float32
+    amp_dtype: torch.dtype | None  # autocast dtype (bf16 on CUDA), None for float32
     clock: str = "wall"  # CPU rounds: "wall" (time.perf_counter) or "process" (time.process_time)
 
     @property
     def is_cuda(self) -> bool:
         return self.device.type == "cuda"
+
+    def cases(self, table: dict, cpu_names, smoke: str) -> list:
+        """``pytest.param`` per case of ``table`` (name -> case; only ``cpu_names`` unless full sizes), with
+        the case's name as id and the ``smoke`` mark on the case named ``smoke``."""
+        names = list(table) if self.full else cpu_names
+        return [pytest.param(table[n], id=n, marks=[pytest.mark.smoke] if n == smoke else []) for n in names]
 
 
 def _env_flag(name: str) -> bool:
@@ -187,7 +193,7 @@ def _make_settings(config) -> BenchSettings:
         amp_dtype=_amp_dtype(is_cuda), clock=config.getoption("bench_clock"))
 
 
-def _amp_dtype(is_cuda: bool) -> Optional[torch.dtype]:
+def _amp_dtype(is_cuda: bool) -> torch.dtype | None:
     amp = os.environ.get("RESFUSE_BENCH_AMP", "").strip().lower()
     if amp in ("", "default"):
         return torch.bfloat16 if is_cuda else None
@@ -328,7 +334,7 @@ def _stamp() -> dict:
     commit = os.environ.get("GIT_COMMIT") or _run("git", "rev-parse", "--short", "HEAD") or "unknown"
     dirty = _run("git", "status", "--porcelain", "--untracked-files=no")
     s = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),  # noqa: UP017 (py3.10)
         "git_commit": commit, "git_dirty": bool(dirty),
         "host": platform.node(), "cpu": _cpu_model(), "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(), "python": platform.python_version(),
@@ -397,35 +403,24 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def _median_cuda_s(fn, n=20, warmup=3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    for _ in range(n):
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times)
-
-
 @pytest.fixture(scope="session")
-def device_rates(bench_settings) -> Optional[dict]:
+def device_rates(bench_settings) -> dict | None:
     """On CUDA: the bf16 GEMM rate (FLOP/s, 8192³ matmul) and device copy bandwidth (B/s, 1 GiB read + 1 GiB
     written), measured once per session on this device; ``None`` on CPU."""
     if not bench_settings.is_cuda:
         return None
+    _import_resfuse()
+    from resfuse.testing import median_seconds
+
     dev = bench_settings.device
     n = 8192
     a = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
     b = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
-    t_mm = _median_cuda_s(functools.partial(torch.mm, a, b))
+    t_mm = median_seconds(functools.partial(torch.mm, a, b), 20, dev, warmup=3)
     del a, b
     x = torch.empty(2**29, device=dev, dtype=torch.bfloat16).normal_()  # 1 GiB
     y = torch.empty_like(x)
-    t_cp = _median_cuda_s(functools.partial(y.copy_, x))
+    t_cp = median_seconds(functools.partial(y.copy_, x), 20, dev, warmup=3)
     rates = {"gemm_flops": 2 * n**3 / t_mm, "copy_bytes_per_s": 2 * x.numel() * x.element_size() / t_cp}
     del x, y
     torch.cuda.empty_cache()
@@ -454,7 +449,7 @@ def _dynamo_counts():
     return counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
 
 
-def _cpu_peak_bytes(step) -> Optional[int]:
+def _cpu_peak_bytes(step) -> int | None:
     """Peak of the running sum of CPU-allocator events (bytes) during ``step()``, from ``torch.profiler``."""
     from torch.profiler import ProfilerActivity, profile
     with warnings.catch_warnings():
@@ -475,19 +470,11 @@ def _cpu_peak_bytes(step) -> Optional[int]:
 def _build(build):
     """``build()`` under a fixed seed, with every BatchNorm given non-trivial affine parameters and running
     statistics (a fresh BN is the identity in eval mode, which would make BN folding free)."""
+    _import_resfuse()
+    from resfuse.testing import randomize_bn
+
     torch.manual_seed(0)
-    model = build()
-    gen = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                if m.weight is not None:
-                    m.weight.copy_(torch.rand(m.weight.shape, generator=gen) + 0.5)
-                    m.bias.copy_(torch.rand(m.bias.shape, generator=gen) - 0.5)
-                if m.running_mean is not None:
-                    m.running_mean.copy_((torch.rand(m.running_mean.shape, generator=gen) - 0.5) * 0.2)
-                    m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) * 1.5 + 0.5)
-    return model
+    return randomize_bn(build(), seed=3)
 
 
 @dataclass
@@ -598,7 +585,7 @@ def bench_run(bench_settings, bench_env, device_rates):
     from resfuse import backends
 
     def run(benchmark, variant, *, suite: str, case: str, mode: str, batch: int, build: Callable,
-            fuse: Callable, inputs: Callable, info: Optional[dict] = None):
+            fuse: Callable, inputs: Callable, info: dict | None = None):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         train = mode == "train"

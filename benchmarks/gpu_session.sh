@@ -1,16 +1,21 @@
 #!/usr/bin/env bash
 # One prepared GPU session (about 9 minutes): build resfuse with its CUDA kernels, run the GPU tests,
-# compute-sanitizer over the CUDA kernels' tests, the GPU benchmarks and a fused-conv timing table.
+# resfuse.fuse on the real torchvision / timm ResNets against plain PyTorch, compute-sanitizer over the
+# CUDA kernels' tests, the GPU benchmarks and a fused-conv timing table.
 #
 #   OUT=/some/dir bash benchmarks/gpu_session.sh      # on the GPU machine, from the repository root
 #
 # Every step runs under `timeout` within an overall budget (SESSION_BUDGET seconds, default 540) and
 # the session goes on after a failed or timed-out step (except a failed build). Results in $OUT, at
-# most 8 files, each stamped with device, driver, torch / triton / CUDA versions, git commit and date:
-#   session.json           stamp + every step's command, exit code, seconds and summary line
+# most 8 files (what the device tool brings back), each stamped with device, driver, torch / triton /
+# CUDA versions, git commit and date:
+#   session.json           stamp + every step's command, exit code, seconds and summary line, and the
+#                          GPU test steps' counts and failures (from pytest's JUnit XML)
 #   build.log              pip install output
-#   gpu_tests.log/.json    the CUDA backend's tests, then every other gpu-marked test (JSON: counts
-#                          and failures per step, from pytest's JUnit XML)
+#   gpu_tests.log          the CUDA backend's tests, the fuse_compat step, every other gpu-marked test
+#   fuse_compat.json       benchmarks/fuse_compat.py: resfuse.fuse on torchvision resnet18/50, resnext50,
+#                          wide_resnet50_2 and timm resnet18/50, backends cuda then triton: fused and plain
+#                          fp32 / bf16-autocast errors against float64 per model (for benchmarks/results/)
 #   sanitizer.log          compute-sanitizer memcheck, racecheck (shared memory) and initcheck
 #   bench.log/.json        pytest benchmarks/ -k gpu (pytest-benchmark JSON + the stamp)
 #   cuda_conv_timing.json  fused CUDA conv vs cuDNN conv (+ the separate BN passes it replaces)
@@ -111,9 +116,8 @@ steps = []
 for line in open(steps_file):
     name, rc, secs, cmd, summary = (line.rstrip("\n").split("\t") + [""] * 5)[:5]
     steps.append({"step": name, "rc": rc, "seconds": int(secs or 0), "command": cmd, "summary": summary})
-json.dump({"stamp": stamp, "total_seconds": total, "steps": steps}, open(f"{out}/session.json", "w"), indent=1)
-# JUnit XML of the GPU test steps -> one short JSON: counts per step and the failures' messages
-report = {"stamp": stamp}
+# JUnit XML of the GPU test steps -> counts per step and the failures' messages
+report = {}
 for step_name, xml in (("cuda_tests", ".junit_cuda.xml"), ("other_gpu_tests", ".junit_other.xml")):
     try:
         root = ET.parse(f"{out}/{xml}").getroot()
@@ -131,7 +135,8 @@ for step_name, xml in (("cuda_tests", ".junit_cuda.xml"), ("other_gpu_tests", ".
                 failures.append({"test": f"{case.get('classname')}::{case.get('name')}", "kind": kind,
                                  "message": (el.get("message") or "")[:500]})
     report[step_name] = {"counts": counts, "failures": failures[:300]}
-json.dump(report, open(f"{out}/gpu_tests.json", "w"), indent=1)
+json.dump({"stamp": stamp, "total_seconds": total, "steps": steps, "tests": report}, open(f"{out}/session.json", "w"),
+          indent=1)
 # pytest-benchmark JSON: add the stamp
 try:
     b = json.load(open(f"{out}/bench.json"))
@@ -141,7 +146,7 @@ except Exception:
     pass
 EOF
   )
-  rm -f "$OUT"/.junit_*.xml
+  rm -f "$OUT"/.junit_*.xml "$OUT"/*.tmp  # *.tmp: fuse_compat.py's half-written JSON, if it was killed mid-write
   rm -rf "$SCRATCH"
   echo "gpu_session: done in $(( $(date +%s) - START ))s; results in $OUT"
 }
@@ -158,7 +163,13 @@ CUDA_TESTS=("$REPO/tests/test_cuda_ops.py" "$REPO/tests/test_cuda_backend.py")
 step cuda_tests 120 "$OUT/gpu_tests.log" "$PYTHON" -m pytest "${CUDA_TESTS[@]}" -q --tb=line -p no:cacheprovider \
   --junitxml="$OUT/.junit_cuda.xml"
 
-# 3. fused CUDA conv vs cuDNN (+ the BN passes it replaces), ResNet-50 shapes, bfloat16 channels_last
+# 3. resfuse.fuse on the real torchvision / timm ResNets (issue 7): eval and a train step, fused and plain
+#    PyTorch each against float64 (TF32 off), every model on the cuda backend, then on triton (its kernels
+#    compile on first use); the JSON is rewritten after each model, so a timeout keeps what finished
+step fuse_compat 90 "$OUT/gpu_tests.log" "$PYTHON" "$REPO/benchmarks/fuse_compat.py" --out "$OUT/fuse_compat.json" \
+  --stamp "$STAMP"
+
+# 4. fused CUDA conv vs cuDNN (+ the BN passes it replaces), ResNet-50 shapes, bfloat16 channels_last
 step conv_timing 50 "$OUT/bench.log" "$PYTHON" - "$OUT/cuda_conv_timing.json" "$STAMP" <<'EOF'
 import json, sys
 import torch
@@ -210,7 +221,7 @@ for name, (cin, cout, hw, k, s) in {
 json.dump({"stamp": json.loads(sys.argv[2]), "rows": rows}, open(sys.argv[1], "w"), indent=1)
 EOF
 
-# 4. compute-sanitizer: memcheck over the CUDA kernel tests (16-bit mma + float32 SIMT paths, both
+# 5. compute-sanitizer: memcheck over the CUDA kernel tests (16-bit mma + float32 SIMT paths, both
 #    layouts; without the caching allocator, so out-of-bounds accesses hit real allocation ends),
 #    racecheck (shared-memory hazards of the conv pipeline and the block reductions) and initcheck
 #    (reads of uninitialised global memory, e.g. workspaces) on small subsets.
@@ -229,11 +240,11 @@ else
   printf 'sanitizer\t127\t0\tcompute-sanitizer\tcompute-sanitizer not found on PATH or in /usr/local/cuda/bin\n' >>"$STEPS"
 fi
 
-# 5. every other gpu-marked test (Triton kernels, models, ...)
+# 6. every other gpu-marked test (Triton kernels, models, ...)
 step other_gpu_tests 90 "$OUT/gpu_tests.log" "$PYTHON" -m pytest "$REPO/tests" -m gpu -q --tb=line -p no:cacheprovider \
   --ignore="${CUDA_TESTS[0]}" --ignore="${CUDA_TESTS[1]}" --junitxml="$OUT/.junit_other.xml"
 
-# 6. benchmarks marked/named gpu
+# 7. benchmarks marked/named gpu
 step bench 45 "$OUT/bench.log" "$PYTHON" -m pytest "$REPO/benchmarks" -k gpu -q -p no:cacheprovider \
   --benchmark-json="$OUT/bench.json"
 

@@ -50,4 +50,23 @@ TORCH_LIBRARY(resfuse, m) {
       "Tensor d, Tensor? residual, Tensor? res_a, Tensor? res_b, Tensor? res_d, bool relu, "
       "bool residual_grad) -> (Tensor grad_input, Tensor grad_residual)",
       {at::Tag::pt2_compliant_tag});
+
+  // In place: grad_input = a[c] * dz + b[c] * input + d[c] (+ grad_input's old value when
+  // accumulate); without input the b term is absent. grad_input may be grad_out itself (a
+  // gradient buffer the caller owns, then accumulate is false): each element is read before it is
+  // written. Saves the allocation of a new gradient per layer in the fused backward.
+  m.def(
+      "bn_act_backward_apply_(Tensor(a!) grad_input, Tensor grad_out, Tensor output, Tensor? input, "
+      "Tensor a, Tensor b, Tensor d, bool relu, bool accumulate) -> ()",
+      {at::Tag::pt2_compliant_tag});
+
+  // CPU only (csrc/cpu/winograd.cpp): act(conv3x3(input) + bias[c] + residual) with stride 1 and
+  // padding 1 as a Winograd F(2x2, 3x3) convolution. input: channels_last [N, Ci, H, W] float32 or
+  // float64; weight: the transformed weight U = G w G^T as [16*Co, Ci, 1, 1] (dense, or prepacked
+  // by mkldnn::_reorder_convolution_weight for the channels_last input [1, 16*Ci, chunk, 1]); the
+  // tiles are processed `chunk` at a time. Returns channels_last [N, Co, H, W].
+  m.def(
+      "winograd_conv(Tensor input, Tensor weight, Tensor? bias, Tensor? residual, bool relu, int chunk) "
+      "-> Tensor",
+      {at::Tag::pt2_compliant_tag});
 }

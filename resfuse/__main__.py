@@ -8,36 +8,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
-import time
 
 import torch
 
 import resfuse
-from resfuse.testing import rel_error, rel_error_l2
-
-
-def _timer(device):
-    if device.type == "cuda":
-        def t(fn, n):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            times = []
-            for _ in range(n):
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end) / 1e3)
-            return statistics.median(times)
-    else:
-        def t(fn, n):
-            times = []
-            for _ in range(n):
-                t0 = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t0)
-            return statistics.median(times)
-    return t
+from resfuse.testing import median_seconds, rel_error, rel_error_l2
 
 
 def main(argv=None) -> int:
@@ -83,8 +58,6 @@ def main(argv=None) -> int:
           f"relative errors resfuse fp32 / plain fp32:\n  eval output {e_ours:.2e} / {e_plain:.2e}, "
           f"train-step gradients (L2) {g_ours:.2e} / {g_plain:.2e} -> {'OK' if ok else 'MISMATCH'}")
 
-    timer = _timer(device)
-
     def bench(model, train):
         if train:
             model.train()
@@ -98,8 +71,7 @@ def main(argv=None) -> int:
             def step():
                 with torch.no_grad():
                     model(x)
-        step(), step()  # warm-up
-        return timer(step, args.repeats)
+        return median_seconds(step, args.repeats, device, warmup=2)
 
     rows = []
     for mode, train in (("eval", False), ("train step", True)):

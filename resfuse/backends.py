@@ -59,6 +59,10 @@ class Backend:
     name = "base"
     #: the object providing the four primitive ops (``bn_stats`` ... ``bn_act_backward_apply``)
     prims = None
+    #: optional in-place apply ``(grad_input, grad_out, out, x, a, b, d, relu, accumulate)``
+    #: (``resfuse.ops.bn_act.bn_act_backward_apply_``): the fused backward then reuses gradient
+    #: buffers it owns instead of allocating one per layer. None: the backward allocates.
+    bn_act_backward_apply_ = None
 
     def available(self) -> Optional[str]:
         """``None`` if usable in this process, else the reason it is not."""

@@ -45,7 +45,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from . import _extension
+from . import _extension, cpu_conv
 from .backends import Backend, ConvGeom, register_backend
 
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -53,7 +53,9 @@ _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 #: environment variable forcing the portable path (``1``/``true``/``yes``)
 ENV_PORTABLE = "RESFUSE_CPU_PORTABLE"
 _PACK_ATTR = "_resfuse_onednn_pack"  # attribute of a folded weight tensor: {key: packed weight}
-_MAX_PACKS = 4  # packed copies kept per folded weight (one per input shape seen), oldest dropped
+_WINO_ATTR = "_resfuse_winograd"  # attribute of a folded weight tensor: (version, Winograd U)
+_MAX_PACKS = 4
+_GEMM_GEOM = ConvGeom((1, 1), (0, 0), (1, 1), 16)  # packed copies kept per folded weight (one per input shape seen), oldest dropped
 
 
 def _env_portable() -> bool:
@@ -181,6 +183,7 @@ class CpuBackend(Backend):
     def __init__(self):
         from .ops import bn_act
         self.prims = bn_act
+        self.bn_act_backward_apply_ = bn_act.bn_act_backward_apply_
 
     def available(self) -> Optional[str]:
         if not _extension.LOADED:
@@ -195,14 +198,30 @@ class CpuBackend(Backend):
                 return f"dtype {t.dtype} is not one of float32, float64, bfloat16, float16"
         return None
 
+    # -- training convolutions: oneDNN or one GEMM per shape, by measurement (resfuse/cpu_conv.py) ----
+    def conv(self, x, w, geom: ConvGeom):
+        return cpu_conv.forward(x, w, geom)
+
+    def conv_backward(self, grad_y, x, w, geom: ConvGeom, need_input=True, need_weight=True):
+        return cpu_conv.backward(grad_y, x, w, geom, need_input, need_weight)
+
     # -- inference: conv + bias + residual + ReLU ----------------------------------------------------
     def conv_bias_act(self, x, w, bias, geom: ConvGeom, residual=None, relu=True):
-        """``act(conv(x, w) + bias[c] + residual)``: one oneDNN call when the fast path applies."""
+        """``act(conv(x, w) + bias[c] + residual)``: one oneDNN call when the fast path applies, or
+        — for a 3x3 stride-1 fp32 channels_last layer where it measured faster on the first call —
+        a Winograd F(2x2, 3x3) convolution with bias, residual and ReLU in its output transform."""
         if not self._fast(x, w, bias, residual):
             return super().conv_bias_act(x, w, bias, geom, residual, relu)
+        cands = {"onednn": lambda: self._onednn_bias_act(x, w, bias, geom, residual, relu)}
+        if cpu_conv.winograd_applies(x, w, geom) and bias.dtype == x.dtype:
+            cands["winograd"] = lambda: self._winograd_bias_act(x, w, bias, residual, relu)
+        key = (tuple(x.shape), tuple(w.shape), geom, x.dtype, residual is not None, relu)
+        return cpu_conv.pick("inference", key, cands)
+
+    def _onednn_bias_act(self, x, w, bias, geom: ConvGeom, residual, relu):
         ops = _ONEDNN
         cl = _is_channels_last(x)
-        pw = self._packed(w, geom, x)
+        pw = self._packed(w, geom, tuple(x.shape), x.dtype) if cl else w
         pad, stride, dil = list(geom.padding), list(geom.stride), list(geom.dilation)
         if bias.dtype != x.dtype:  # bf16/fp16: oneDNN wants the bias in the activation dtype
             bias = bias.to(x.dtype)
@@ -218,6 +237,13 @@ class CpuBackend(Backend):
             y = y.contiguous()  # NCHW in, NCHW out (the packed primitive computes in NHWC/blocked)
         return y
 
+    def _winograd_bias_act(self, x, w, bias, residual, relu):
+        """Winograd F(2x2, 3x3) with the transformed weight cached on ``w`` and prepacked for oneDNN."""
+        chunk = cpu_conv.winograd_chunk(x)
+        u = _winograd_u(w)
+        pu = self._packed(u, _GEMM_GEOM, (1, 16 * x.shape[1], chunk, 1), x.dtype)
+        return cpu_conv.winograd_forward(x, pu, bias, residual, relu, chunk)
+
     def _fast(self, x, w, bias, residual) -> bool:
         if onednn_status() is not None or torch.compiler.is_compiling():
             return False
@@ -232,12 +258,10 @@ class CpuBackend(Backend):
         return True
 
     @staticmethod
-    def _packed(w: torch.Tensor, geom: ConvGeom, x: torch.Tensor):
-        """``w`` prepacked for input shape ``x.shape`` (cached on ``w``); ``w`` itself on first sight
-        and for NCHW inputs (a packed weight makes oneDNN write NHWC, which would then cost a copy back
-        to NCHW per layer: measured 1.08x / 1.28x slower on resnet18 / resnet50 than plain weights)."""
-        if not _is_channels_last(x):
-            return w
+    def _packed(w: torch.Tensor, geom: ConvGeom, shape: tuple, dtype):
+        """``w`` prepacked for a channels_last input of ``shape`` (cached on ``w``); ``w`` itself on
+        first sight. (NCHW inputs get no packed weight: it makes oneDNN write NHWC, which would then
+        cost a copy back to NCHW per layer: measured 1.08x / 1.28x slower on resnet18 / resnet50.)"""
         cache = getattr(w, _PACK_ATTR, None)
         if cache is None or cache.get("version") != w._version:
             try:
@@ -246,17 +270,32 @@ class CpuBackend(Backend):
                 pass
             # first sight (or changed in place): run unpacked; oneDNN reorders the weight internally
             return w
-        key = (tuple(x.shape), x.dtype, geom)
+        key = (shape, dtype, geom)
         pw = cache.get(key)
         if pw is None:
             with torch.no_grad():
                 pw = _ONEDNN.reorder(w.contiguous(), list(geom.padding), list(geom.stride),
-                                     list(geom.dilation), geom.groups, list(x.shape))
+                                     list(geom.dilation), geom.groups, list(shape))
             packs = [k for k in cache if k != "version"]
             if len(packs) >= _MAX_PACKS:
                 del cache[packs[0]]
             cache[key] = pw
         return pw
+
+
+def _winograd_u(w: torch.Tensor) -> torch.Tensor:
+    """``cpu_conv.winograd_weight(w)``, cached on the (folded, inference) weight ``w`` like the oneDNN
+    packs and guarded by its version counter."""
+    hit = getattr(w, _WINO_ATTR, None)
+    if hit is not None and hit[0] == w._version:
+        return hit[1]
+    with torch.no_grad():
+        u = cpu_conv.winograd_weight(w)
+    try:
+        setattr(w, _WINO_ATTR, (w._version, u))
+    except (AttributeError, RuntimeError):
+        pass
+    return u
 
 
 register_backend("cpu", CpuBackend)

@@ -10,11 +10,18 @@ Every kernel is judged against a float64 run of the pure-PyTorch reference:
 * ``assert_error_ratio(actual, candidate_ref, truth64, k)`` is the model-level rule: our error against
   float64 must be at most ``k`` times plain PyTorch's own error in the same dtype;
 * ``rand_activation`` makes fresh random inputs (never zeros) in NCHW or channels_last;
-* ``poisoned`` returns a NaN-filled tensor so that a kernel that forgets to write an element is caught.
+* ``poisoned`` returns a NaN-filled tensor so that a kernel that forgets to write an element is caught;
+* ``randomize_bn`` gives a model's BatchNorms non-trivial affine parameters and running statistics;
+* ``median_seconds`` times a callable (CUDA events on a GPU, ``time.perf_counter`` on CPU).
 """
 from __future__ import annotations
 
+import statistics
+import time
+from collections.abc import Callable
+
 import torch
+from torch import nn
 
 _TOL = {
     torch.float64: 1e-10,
@@ -116,3 +123,52 @@ def to64(*tensors):
         c = t.detach().to(torch.float64)
         out.append(c.requires_grad_(t.requires_grad))
     return out
+
+
+def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every BatchNorm of ``model`` non-trivial affine parameters and running statistics, in place.
+
+    A fresh BN is the identity in eval mode (weight 1, bias 0, mean 0, variance 1), which hides mistakes in
+    BN folding and in the use of each tensor; after this, each BN's ``weight`` and ``running_var`` lie in
+    [0.5, 1.5) and its ``bias`` and ``running_mean`` in [-0.3, 0.3). Applies to every
+    ``torch.nn.modules.batchnorm._BatchNorm`` (``BatchNorm1d/2d/3d``, ``SyncBatchNorm``), skipping the
+    tensors a BN does not have (``affine=False``, ``track_running_stats=False``); ``num_batches_tracked`` is
+    left as it is. The values come from a generator seeded with ``seed`` (the global RNG is not used), are
+    drawn in float64 and copied into each tensor's dtype and device, so the same model gets the same
+    values wherever it lives. Returns ``model``.
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if not isinstance(m, nn.modules.batchnorm._BatchNorm):
+                continue
+            for t, lo, hi in ((m.weight, 0.5, 1.5), (m.bias, -0.3, 0.3), (m.running_mean, -0.3, 0.3),
+                              (m.running_var, 0.5, 1.5)):
+                if t is not None:
+                    t.copy_(torch.rand(t.shape, generator=g, dtype=torch.float64) * (hi - lo) + lo)
+    return model
+
+
+def median_seconds(fn: Callable[[], object], n: int, device: torch.device | str = "cpu", warmup: int = 0) -> float:
+    """Median wall time in seconds of ``n`` calls of ``fn()``, after ``warmup`` untimed calls.
+
+    On a CUDA ``device`` each call is timed by CUDA events on the current stream (the device time of the
+    work it queues; each call ends with an event synchronize); elsewhere by ``time.perf_counter``.
+    """
+    for _ in range(warmup):
+        fn()
+    times = []
+    if torch.device(device).type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        for _ in range(n):
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+    else:
+        for _ in range(n):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)

@@ -163,6 +163,44 @@ def test_bn_act_backward_apply(shape, dtype, channels_last, relu, mode):
         _check_activation(grad_residual, exp_residual, x, "grad_residual")
 
 
+# --------------------------------------------------------------------------------- backward_apply_
+
+@pytest.mark.parametrize("form", ["inplace", "accumulate", "accumulate_no_input", "fresh"])
+@pytest.mark.parametrize("relu", [True, False], ids=["relu", "linear"])
+@pytest.mark.parametrize("channels_last", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES + BIG_SHAPES[:1], ids=str)
+def test_bn_act_backward_apply_inplace(shape, dtype, channels_last, relu, form):
+    """``grad_input (+)= a*dz [+ b*input] + d`` in place: into grad_out itself, accumulated into
+    another gradient (with and without the input term), or into a poisoned fresh buffer."""
+    g, out, x, _, _, _ = _backward_case(shape, dtype, channels_last, relu, False)
+    C = shape[1]
+    a, b, d = _vec(C, dtype), _vec(C, dtype), _vec(C, dtype)
+    inp = None if form == "accumulate_no_input" else x
+    accumulate = form.startswith("accumulate")
+    if form == "inplace":
+        target = g.clone()
+        grad_out = target
+    else:
+        target = rand_activation(shape, dtype, channels_last) if accumulate else poisoned(x)
+        grad_out = g
+    expected = target.clone()
+    ref.bn_act_backward_apply_(expected, g, out, inp, a, b, d, relu, accumulate)
+    ptr = target.data_ptr()
+    assert ops.bn_act_backward_apply_(target, grad_out, out, inp, a, b, d, relu, accumulate) is None
+    assert target.data_ptr() == ptr
+    _check_activation(target, expected, x, "grad_input")
+
+
+def test_bn_act_backward_apply_inplace_matches_out_of_place():
+    """The in-place op computes bit for bit what bn_act_backward_apply computes."""
+    g, out, x, _, _, _ = _backward_case((2, 17, 9, 9), torch.float32, True, True, False)
+    a, b, d = _vec(17, torch.float32), _vec(17, torch.float32), _vec(17, torch.float32)
+    expected, _ = ops.bn_act_backward_apply(g, out, x, a, b, d, None, None, None, None, True, False)
+    ops.bn_act_backward_apply_(g, g, out, x, a, b, d, True, False)
+    assert torch.equal(g, expected)
+
+
 # ------------------------------------------------------------- strided and mixed-layout operands
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -261,10 +299,13 @@ def _opcheck_samples(dtype, channels_last, with_residual):
         "bn_act": (x, scale, shift, r, rs, True),
         "bn_act_backward_reduce": (g, out, x, mean, r, res_mean, True),
         "bn_act_backward_apply": (g, out, x, scale, shift, mean, r, *res_coefs, True, with_residual),
+        "bn_act_backward_apply_": (poisoned(x), g, out, None if with_residual else x, scale, shift, mean, True,
+                                   False),
     }
 
 
-@pytest.mark.parametrize("op", ["bn_stats", "bn_act", "bn_act_backward_reduce", "bn_act_backward_apply"])
+@pytest.mark.parametrize("op", ["bn_stats", "bn_act", "bn_act_backward_reduce", "bn_act_backward_apply",
+                                "bn_act_backward_apply_"])
 def test_opcheck(op):
     for dtype, channels_last, with_residual in [(torch.float32, False, False), (torch.bfloat16, True, True)]:
         args = _opcheck_samples(dtype, channels_last, with_residual)[op]
@@ -298,6 +339,16 @@ def _bad_cases():
          r"residual is required"),
         ("output shape", lambda: ops.bn_act_backward_apply(g, x[:, :4], x, v, v, v, None, None, None, None, True,
                                                            False), r"output must have the shape of input"),
+        ("inplace accumulate into grad_out", lambda: ops.bn_act_backward_apply_(g, g, x, x, v, v, v, True, True),
+         r"grad_input is grad_out; accumulate must be false"),
+        ("inplace partial overlap", lambda: ops.bn_act_backward_apply_(g[:, :4], g[:, 1:], x[:, :4], None, v[:4],
+                                                                       v[:4], v[:4], True, False),
+         r"grad_input must be dense|shares memory with grad_out"),
+        ("inplace strided target", lambda: ops.bn_act_backward_apply_(g[:, ::2], x[:, ::2], x[:, ::2], None,
+                                                                      v[:3], v[:3], v[:3], True, False),
+         r"bn_act_backward_apply_: grad_input must be dense NCHW or channels_last"),
+        ("inplace aliases input", lambda: ops.bn_act_backward_apply_(g, x, x, g, v, v, v, False, False),
+         r"grad_input shares memory with input"),
     ]
 
 

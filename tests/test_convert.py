@@ -19,24 +19,12 @@ import resfuse
 from resfuse import backends, models, reference
 from resfuse import nn as fnn
 from resfuse.convert import FusedSequential
-from resfuse.testing import assert_close_ref, assert_error_ratio
+from resfuse.testing import assert_close_ref, assert_error_ratio, randomize_bn
 
 F64_RTOL = 1e-9
 
 
 # -- helpers (imported by test_compat.py) ---------------------------------------------------------------
-def randomize_bn(model: nn.Module, seed: int = 1) -> nn.Module:
-    """Non-trivial BN affine parameters and running statistics (so folding and updates are exercised)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine and m.track_running_stats:
-                for t, lo, hi in ((m.weight, 0.5, 1.5), (m.bias, -0.3, 0.3), (m.running_mean, -0.3, 0.3),
-                                  (m.running_var, 0.5, 1.5)):
-                    t.copy_(torch.rand(t.shape, generator=g, dtype=torch.float64) * (hi - lo) + lo)
-    return model
-
-
 def _step(model, x, g):
     """One train step: (output, input grad, {name: param grad}, {name: buffer}) and the eval output."""
     model.train()
@@ -64,7 +52,7 @@ def check_fused_model(plain: nn.Module, x: torch.Tensor, *, fused32=None, float6
     x64 = x.double()
     torch.manual_seed(123)
     out_shape = plain64.eval()(x64[:1]).shape[1:]
-    g = torch.randn(x.shape[0], *out_shape, dtype=torch.float64)
+    g = torch.randn(x.shape[0], *out_shape, dtype=torch.float64).to(x.device)
     truth = _step(plain64, x64, g)
     ours, theirs = _step(fused32, x, g), _step(plain, x, g)
     assert ours[2].keys() == truth[2].keys()

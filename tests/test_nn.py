@@ -7,24 +7,25 @@ from torch import nn
 
 import resfuse
 from resfuse import models, reference
-from resfuse.nn import BasicBlock, Bottleneck, ConvBNAct, PreActBasicBlock, PreActBottleneck
-from resfuse.testing import assert_close_ref, assert_error_ratio, rand_activation, rel_error
-
-
-def _randomize_bn(model):
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.3, 0.3)
-                m.running_mean.uniform_(-0.3, 0.3)
-                m.running_var.uniform_(0.5, 1.5)
-    return model
+from resfuse.nn import (
+    BasicBlock,
+    Bottleneck,
+    ConvBNAct,
+    PreActBasicBlock,
+    PreActBottleneck,
+)
+from resfuse.testing import (
+    assert_close_ref,
+    assert_error_ratio,
+    rand_activation,
+    randomize_bn,
+    rel_error,
+)
 
 
 def _pair(fused_cls, ref_cls, *args, **kwargs):
     torch.manual_seed(1)
-    ref = _randomize_bn(ref_cls(*args, **kwargs))
+    ref = randomize_bn(ref_cls(*args, **kwargs))
     fused = fused_cls(*args, **kwargs)
     fused.load_state_dict(ref.state_dict(), strict=True)
     return fused, ref
@@ -54,7 +55,7 @@ def _compare_train_eval(fused, ref, x, dtype=torch.float32, grad_rtol=1e-4):
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("case", ["basic", "basic_down", "bottleneck", "bottleneck_down", "resnext"])
 def test_blocks_match_reference(case, channels_last):
-    down = lambda cin, cout, s: nn.Sequential(nn.Conv2d(cin, cout, 1, s, bias=False), nn.BatchNorm2d(cout))  # noqa
+    down = lambda cin, cout, s: nn.Sequential(nn.Conv2d(cin, cout, 1, s, bias=False), nn.BatchNorm2d(cout))
     if case == "basic":
         fused, ref = _pair(BasicBlock, reference.BasicBlock, 5, 5)
         x = rand_activation((2, 5, 7, 7))
@@ -122,7 +123,7 @@ def test_whole_models_train_and_eval(name, size, batch):
         ref, fused = reference.cifar_resnet(20), models.cifar_resnet(20)
     else:
         ref, fused = getattr(reference, name)(), getattr(models, name)()
-    _randomize_bn(ref)
+    randomize_bn(ref)
     fused.load_state_dict(ref.state_dict(), strict=True)
     x = rand_activation((batch, 3, size, size))
     g = None
@@ -152,7 +153,7 @@ def test_whole_models_train_and_eval(name, size, batch):
 
 def test_torch_compile_fullgraph_block_and_model():
     torch._dynamo.reset()
-    fused, ref = _pair(BasicBlock, reference.BasicBlock, 4, 4)
+    fused, _ = _pair(BasicBlock, reference.BasicBlock, 4, 4)
     x = rand_activation((2, 4, 6, 6))
     compiled = torch.compile(copy.deepcopy(fused), fullgraph=True, backend="aot_eager")
     fused.train(), compiled.train()

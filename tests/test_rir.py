@@ -21,9 +21,21 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import resfuse
 from resfuse import backends, layout
 from resfuse.models.rir import rir_cifar
-from resfuse.nn.rir import GeneralizedResidualLayer, RiRBlock, decay_toward_targets, partial_identity, rir_param_groups
+from resfuse.nn.rir import (
+    GeneralizedResidualLayer,
+    RiRBlock,
+    decay_toward_targets,
+    partial_identity,
+    rir_param_groups,
+)
 from resfuse.reference import rir as R
-from resfuse.testing import assert_close_ref, assert_error_ratio, rand_activation, tolerance
+from resfuse.testing import (
+    assert_close_ref,
+    assert_error_ratio,
+    rand_activation,
+    randomize_bn,
+    tolerance,
+)
 
 BACKENDS = ["reference"] + (["cpu"] if backends.instance("cpu")[0] is not None else [])
 
@@ -39,20 +51,6 @@ LAYER_CASES = {
 
 def n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-trivial BN affine parameters and running statistics, so every tensor is exercised."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                c = m.num_features
-                m.weight.copy_(torch.rand(c, generator=g) + 0.5)
-                m.bias.copy_(torch.rand(c, generator=g) - 0.5)
-                m.running_mean.copy_(torch.rand(c, generator=g) - 0.5)
-                m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
-    return model
 
 
 def fused_layout(ref: nn.Module, template: nn.Module, grads: bool = False) -> dict:
@@ -109,7 +107,7 @@ def compare(backend, fused, ref64, x, ref_in, ref_out, *, dtype, train=True, gra
 
 def make_layer(case, dtype=torch.float32, identity_in_weight=False):
     i, o, s, kind = LAYER_CASES[case]
-    fused = randomize(GeneralizedResidualLayer(i, o, s, kind, identity_in_weight=identity_in_weight)).to(dtype)
+    fused = randomize_bn(GeneralizedResidualLayer(i, o, s, kind, identity_in_weight=identity_in_weight)).to(dtype)
     ref = R.load_from_fused(R.GeneralizedResidualLayerRef(i, o, s, kind).double(), copy.deepcopy(fused).double())
     return fused, ref, i
 
@@ -213,7 +211,7 @@ def test_partial_identity_is_the_shortcut():
 @pytest.mark.parametrize("train", [True, False])
 def test_block_matches_reference(backend, outer, shape, train):
     i, o, s, kind = shape
-    fused = randomize(RiRBlock(i, o, s, layers=2, outer_shortcut=outer, shortcut=kind)).double()
+    fused = randomize_bn(RiRBlock(i, o, s, layers=2, outer_shortcut=outer, shortcut=kind)).double()
     ref = R.load_from_fused(R.RiRBlockRef(i, o, s, 2, outer, kind).double(), fused)
     x = rand_activation((2, 2 * i, 8, 8), torch.float64)
     compare(backend, fused, ref, x, lambda x: streams_of(x, i), lambda s: torch.cat(s, 1), dtype=torch.float64,
@@ -223,7 +221,7 @@ def test_block_matches_reference(backend, outer, shape, train):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("layers", [1, 3])
 def test_block_float32_layers(backend, layers):
-    fused = randomize(RiRBlock(4, 4, 1, layers=layers))
+    fused = randomize_bn(RiRBlock(4, 4, 1, layers=layers))
     ref = R.load_from_fused(R.RiRBlockRef(4, 4, 1, layers).double(), copy.deepcopy(fused).double())
     x = rand_activation((2, 8, 8, 8), torch.float64)
     compare(backend, fused, ref, x, lambda x: streams_of(x, 4), lambda s: torch.cat(s, 1), dtype=torch.float32)
@@ -232,7 +230,7 @@ def test_block_float32_layers(backend, layers):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("identity_in_weight", [False, True])
 def test_model_matches_reference(backend, identity_in_weight):
-    fused = randomize(rir_cifar(width=2, identity_in_weight=identity_in_weight)).double()
+    fused = randomize_bn(rir_cifar(width=2, identity_in_weight=identity_in_weight)).double()
     ref = R.load_from_fused(R.rir_cifar_ref(width=2).double(), fused)
     x = rand_activation((2, 3, 8, 8), torch.float64)
     compare(backend, fused, ref, x, _same, _same, dtype=torch.float64)
@@ -246,7 +244,7 @@ def _same(t):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_model_channels_last(backend):
     """resfuse.layout.channels_last (the fast CPU layout) computes the same model, train and eval."""
-    fused = randomize(rir_cifar(width=2))
+    fused = randomize_bn(rir_cifar(width=2))
     cl = layout.channels_last(copy.deepcopy(fused))
     x = rand_activation((2, 3, 8, 8))
     for train in (True, False):
@@ -256,7 +254,7 @@ def test_model_channels_last(backend):
 
 
 def test_load_round_trip():
-    fused = randomize(rir_cifar(width=2, shortcut="zero_pad"))
+    fused = randomize_bn(rir_cifar(width=2, shortcut="zero_pad"))
     ref = R.load_from_fused(R.rir_cifar_ref(width=2, shortcut="zero_pad"), fused)
     back = R.load_into_fused(rir_cifar(width=2, shortcut="zero_pad", identity_in_weight=True), ref)
     back = copy.deepcopy(back)
@@ -269,7 +267,7 @@ def test_load_round_trip():
 
 def test_plain_cnn_is_rir_without_shortcuts():
     """RiR generalises a CNN: without shortcuts, the fused RiR is the plain CNN of width 2·C."""
-    fused = randomize(rir_cifar(width=2, shortcut="none", outer_shortcut="none")).double()
+    fused = randomize_bn(rir_cifar(width=2, shortcut="none", outer_shortcut="none")).double()
     cnn = R.plain_cnn_cifar_ref(width=2).double()
     layers = [fused.stem] + [l for st in (fused.layer1, fused.layer2, fused.layer3) for b in st for l in b.layers]
     seq = list(cnn.features)
@@ -373,7 +371,7 @@ def test_decayed_update_equal(momentum):
     """SGD with L2 on W_cat (fused form, plain weight_decay) and on W − I (literal form,
     rir_param_groups + decay_toward_targets) take the same steps; naive decay on W does not."""
     wd, lr = 0.05, 0.1
-    fused = randomize(rir_cifar(width=2, shortcut="zero_pad")).double()
+    fused = randomize_bn(rir_cifar(width=2, shortcut="zero_pad")).double()
     literal = copy.deepcopy(fused)
     for m in literal.modules():
         if isinstance(m, GeneralizedResidualLayer):
@@ -438,7 +436,7 @@ def test_triton(what):
         fused, ref, i = make_layer("projection_s2")
     else:
         i = 3
-        fused = randomize(RiRBlock(3, 5, 2))
+        fused = randomize_bn(RiRBlock(3, 5, 2))
         ref = R.load_from_fused(R.RiRBlockRef(3, 5, 2).double(), copy.deepcopy(fused).double())
     x = rand_activation((2, 2 * i, 6, 6), torch.float64)
     try:

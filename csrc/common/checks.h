@@ -8,6 +8,9 @@
 #include <c10/util/Exception.h>
 
 #include <optional>
+#include <vector>
+
+#include "layout.h"
 
 namespace resfuse {
 
@@ -135,6 +138,67 @@ inline void check_bn_act_backward_apply_args(
                 ": residual is required for grad_residual = res_a * dz + res_b * residual + res_d");
   }
   if (residual) check_like(op, "residual", *residual, "input", input);
+}
+
+// grad_input is written in place: dense NCHW or channels_last, and overlapping none of the read
+// operands except by being one of them entirely (grad_out, when not accumulating).
+inline void check_bn_act_backward_apply_inplace_args(
+    const at::Tensor& grad_input, const at::Tensor& grad_out, const at::Tensor& output,
+    const std::optional<at::Tensor>& input, const at::Tensor& a, const at::Tensor& b,
+    const at::Tensor& d, bool relu, bool accumulate) {
+  constexpr const char* op = "resfuse::bn_act_backward_apply_";
+  check_activation(op, "grad_input", grad_input);
+  TORCH_CHECK(grad_input.is_contiguous(memory_format(layout_of(grad_input))), op,
+              ": grad_input must be dense NCHW or channels_last (it is written in place), got strides ",
+              grad_input.strides());
+  check_like(op, "grad_out", grad_out, "grad_input", grad_input);
+  if (relu) check_like(op, "output", output, "grad_input", grad_input);
+  if (input) check_like(op, "input", *input, "grad_input", grad_input);
+  check_channel_vector(op, "a", a, grad_input);
+  check_channel_vector(op, "b", b, grad_input);
+  check_channel_vector(op, "d", d, grad_input);
+  const bool same = grad_input.is_same(grad_out);
+  TORCH_CHECK(!(same && accumulate), op, ": grad_input is grad_out; accumulate must be false");
+  TORCH_CHECK(same || !grad_input.is_alias_of(grad_out), op,
+              ": grad_input shares memory with grad_out without being the same tensor");
+  TORCH_CHECK(!(relu && grad_input.is_alias_of(output)), op, ": grad_input shares memory with output");
+  TORCH_CHECK(!(input && grad_input.is_alias_of(*input)), op, ": grad_input shares memory with input");
+}
+
+// Winograd F(2x2, 3x3) transforms (CPU): float32/float64 only.
+inline void check_winograd_dtype(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op, ": ", name,
+              " must be float32 or float64, got ", t.scalar_type());
+}
+
+inline void check_winograd_conv_args(const at::Tensor& input, const at::Tensor& weight,
+                                     const std::optional<at::Tensor>& bias,
+                                     const std::optional<at::Tensor>& residual, int64_t chunk) {
+  constexpr const char* op = "resfuse::winograd_conv";
+  check_4d(op, "input", input);
+  check_winograd_dtype(op, "input", input);
+  TORCH_CHECK(input.is_contiguous(at::MemoryFormat::ChannelsLast), op,
+              ": input must be dense channels_last, got strides ", input.strides());
+  TORCH_CHECK(weight.dim() == 4 && weight.size(0) % 16 == 0 && weight.size(1) == input.size(1) &&
+                  weight.size(2) == 1 && weight.size(3) == 1,
+              op, ": weight must be the transformed weight [16*Co, Ci, 1, 1] with Ci = ", input.size(1),
+              ", got ", weight.sizes());
+  check_same_dtype(op, "weight", weight, "input", input);
+  TORCH_CHECK(chunk > 0, op, ": chunk must be positive, got ", chunk);
+  const int64_t co = weight.size(0) / 16;
+  if (bias) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == co, op, ": bias must have shape [Co] = [", co,
+                "], got ", bias->sizes());
+    check_same_dtype(op, "bias", *bias, "input", input);
+    check_same_device(op, "bias", *bias, "input", input);
+  }
+  if (residual) {
+    const std::vector<int64_t> want{input.size(0), co, input.size(2), input.size(3)};
+    TORCH_CHECK(residual->sizes() == at::IntArrayRef(want), op, ": residual must have shape ",
+                at::IntArrayRef(want), ", got ", residual->sizes());
+    check_same_dtype(op, "residual", *residual, "input", input);
+    check_same_device(op, "residual", *residual, "input", input);
+  }
 }
 
 }  // namespace resfuse

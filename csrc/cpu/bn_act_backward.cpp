@@ -9,7 +9,8 @@
 // hundred values before it is flushed into a double total. NCHW is parallel over channels, NHWC
 // over fixed row blocks (kernel_utils.h: RowBlocks), so results do not depend on the thread count.
 //
-// apply: grad_input = a[c] * dz + b[c] * input + d[c] and grad_residual (see ops.cpp), one pass.
+// apply: grad_input = a[c] * dz + b[c] * input + d[c] and grad_residual (see ops.cpp), one pass;
+// apply_ (in place): grad_input (+)= a[c] * dz [+ b[c] * input] + d[c], the same pass.
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -274,19 +275,23 @@ struct Coefs {
   typename VecIO<scalar_t>::Pack a, b, d, res_a, res_b, res_d;
 };
 
-// grad_input (and grad_residual) for the k <= kStep elements at offset i.
-template <typename scalar_t, bool kRelu, ResidualGrad kRg>
+// grad_input (and grad_residual) for the k <= kStep elements at offset i. kInput: the b * input
+// term is present; kAcc: grad_input's old value is added (the in-place op). Every element is read
+// before it is written, so grad_input may be grad_out itself.
+template <typename scalar_t, bool kRelu, ResidualGrad kRg, bool kInput, bool kAcc>
 C10_ALWAYS_INLINE void apply_step(const ApplyParams<scalar_t>& p, int64_t i, int64_t k,
                                   const Coefs<scalar_t>& w) {
   using IO = VecIO<scalar_t>;
   const auto g = IO::load(p.grad_out + i, k);
-  const auto x = IO::load(p.input + i, k);
-  typename IO::Pack o{}, r{}, gx, gr;
+  typename IO::Pack x{}, o{}, r{}, acc{}, gx, gr;
+  if constexpr (kInput) x = IO::load(p.input + i, k);
+  if constexpr (kAcc) acc = IO::load(p.grad_input + i, k);
   if constexpr (kRelu) o = IO::load(p.output + i, k);
   if constexpr (kRg == ResidualGrad::kAffine) r = IO::load(p.residual + i, k);
   for (int64_t q = 0; q < IO::kParts; ++q) {
     const auto dz = relu_grad<kRelu>(g[q], o[q]);
-    gx[q] = at::vec::fmadd(w.a[q], dz, at::vec::fmadd(w.b[q], x[q], w.d[q]));
+    gx[q] = at::vec::fmadd(w.a[q], dz, kInput ? at::vec::fmadd(w.b[q], x[q], w.d[q]) : w.d[q]);
+    if constexpr (kAcc) gx[q] = gx[q] + acc[q];
     if constexpr (kRg == ResidualGrad::kDz) gr[q] = dz;
     if constexpr (kRg == ResidualGrad::kAffine) {
       gr[q] = at::vec::fmadd(w.res_a[q], dz, at::vec::fmadd(w.res_b[q], r[q], w.res_d[q]));
@@ -297,7 +302,7 @@ C10_ALWAYS_INLINE void apply_step(const ApplyParams<scalar_t>& p, int64_t i, int
 }
 
 // NHWC: channels [c, c + k) of the row at offset `row`, coefficients read as vectors.
-template <typename scalar_t, bool kRelu, ResidualGrad kRg>
+template <typename scalar_t, bool kRelu, ResidualGrad kRg, bool kInput, bool kAcc>
 C10_ALWAYS_INLINE void apply_row_step(const ApplyParams<scalar_t>& p, int64_t row, int64_t c, int64_t k) {
   using IO = VecIO<scalar_t>;
   Coefs<scalar_t> w{};
@@ -309,11 +314,11 @@ C10_ALWAYS_INLINE void apply_row_step(const ApplyParams<scalar_t>& p, int64_t ro
     w.res_b = IO::load_acc(p.res_b + c, k);
     w.res_d = IO::load_acc(p.res_d + c, k);
   }
-  apply_step<scalar_t, kRelu, kRg>(p, row + c, k, w);
+  apply_step<scalar_t, kRelu, kRg, kInput, kAcc>(p, row + c, k, w);
 }
 
 // NCHW planes [plane0, plane1): the channel's coefficients are broadcast over the plane.
-template <typename scalar_t, bool kRelu, ResidualGrad kRg>
+template <typename scalar_t, bool kRelu, ResidualGrad kRg, bool kInput, bool kAcc>
 void apply_planes(const ApplyParams<scalar_t> p, int64_t plane0, int64_t plane1) {
   using IO = VecIO<scalar_t>;
   using Vec = typename IO::Vec;
@@ -330,19 +335,37 @@ void apply_planes(const ApplyParams<scalar_t> p, int64_t plane0, int64_t plane1)
     }
     const int64_t base = plane * p.HW;
     int64_t i = 0;
-    for (; i + IO::kStep <= p.HW; i += IO::kStep) apply_step<scalar_t, kRelu, kRg>(p, base + i, IO::kStep, w);
-    if (i < p.HW) apply_step<scalar_t, kRelu, kRg>(p, base + i, p.HW - i, w);
+    for (; i + IO::kStep <= p.HW; i += IO::kStep) {
+      apply_step<scalar_t, kRelu, kRg, kInput, kAcc>(p, base + i, IO::kStep, w);
+    }
+    if (i < p.HW) apply_step<scalar_t, kRelu, kRg, kInput, kAcc>(p, base + i, p.HW - i, w);
   }
 }
 
 // NHWC rows [row0, row1) of C values.
-template <typename scalar_t, bool kRelu, ResidualGrad kRg>
+template <typename scalar_t, bool kRelu, ResidualGrad kRg, bool kInput, bool kAcc>
 void apply_rows(const ApplyParams<scalar_t> p, int64_t row0, int64_t row1) {
   using IO = VecIO<scalar_t>;
   for (int64_t row = row0 * p.C; row < row1 * p.C; row += p.C) {
     int64_t c = 0;
-    for (; c + IO::kStep <= p.C; c += IO::kStep) apply_row_step<scalar_t, kRelu, kRg>(p, row, c, IO::kStep);
-    if (c < p.C) apply_row_step<scalar_t, kRelu, kRg>(p, row, c, p.C - c);
+    for (; c + IO::kStep <= p.C; c += IO::kStep) {
+      apply_row_step<scalar_t, kRelu, kRg, kInput, kAcc>(p, row, c, IO::kStep);
+    }
+    if (c < p.C) apply_row_step<scalar_t, kRelu, kRg, kInput, kAcc>(p, row, c, p.C - c);
+  }
+}
+
+// The apply pass over all elements, parallel over NHWC rows or NCHW planes.
+template <typename scalar_t, bool kRelu, ResidualGrad kRg, bool kInput, bool kAcc>
+void launch_apply(const ApplyParams<scalar_t>& p, Layout layout) {
+  if (layout == Layout::NHWC) {
+    at::parallel_for(0, p.N * p.HW, grain_for(p.C), [&](int64_t row0, int64_t row1) {
+      apply_rows<scalar_t, kRelu, kRg, kInput, kAcc>(p, row0, row1);
+    });
+  } else {
+    at::parallel_for(0, p.N * p.C, grain_for(p.HW), [&](int64_t plane0, int64_t plane1) {
+      apply_planes<scalar_t, kRelu, kRg, kInput, kAcc>(p, plane0, plane1);
+    });
   }
 }
 
@@ -393,19 +416,46 @@ std::tuple<at::Tensor, at::Tensor> bn_act_backward_apply_cpu(
       value_switch<ResidualGrad::kNone, ResidualGrad::kDz, ResidualGrad::kAffine>(mode, [&](auto mode_c) {
         constexpr bool kRelu = decltype(relu_c)::value;
         constexpr ResidualGrad kRg = decltype(mode_c)::value;
-        if (layout == Layout::NHWC) {
-          at::parallel_for(0, p.N * p.HW, grain_for(p.C), [&](int64_t row0, int64_t row1) {
-            apply_rows<scalar_t, kRelu, kRg>(p, row0, row1);
-          });
-        } else {
-          at::parallel_for(0, p.N * p.C, grain_for(p.HW), [&](int64_t plane0, int64_t plane1) {
-            apply_planes<scalar_t, kRelu, kRg>(p, plane0, plane1);
-          });
-        }
+        launch_apply<scalar_t, kRelu, kRg, true, false>(p, layout);
       });
     });
   });
   return {grad_input, grad_residual};
+}
+
+void bn_act_backward_apply_inplace_cpu(const at::Tensor& grad_input, const at::Tensor& grad_out_,
+                                       const at::Tensor& output_, const std::optional<at::Tensor>& input_,
+                                       const at::Tensor& a, const at::Tensor& b, const at::Tensor& d,
+                                       bool relu, bool accumulate) {
+  check_bn_act_backward_apply_inplace_args(grad_input, grad_out_, output_, input_, a, b, d, relu,
+                                           accumulate);
+  const Layout layout = layout_of(grad_input);
+  const at::Tensor grad_out = to_layout(grad_out_, layout);
+  const at::Tensor output = relu ? to_layout(output_, layout) : at::Tensor();
+  const at::Tensor input = input_ ? to_layout(*input_, layout) : at::Tensor();
+  const at::Tensor a_c = a.contiguous(), b_c = b.contiguous(), d_c = d.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad_input.scalar_type(), "resfuse::bn_act_backward_apply_", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    ApplyParams<scalar_t> p{};
+    p.grad_out = grad_out.const_data_ptr<scalar_t>();
+    p.output = relu ? output.const_data_ptr<scalar_t>() : nullptr;
+    p.input = input_ ? input.const_data_ptr<scalar_t>() : nullptr;
+    p.a = a_c.const_data_ptr<acc_t>();
+    p.b = b_c.const_data_ptr<acc_t>();
+    p.d = d_c.const_data_ptr<acc_t>();
+    p.grad_input = grad_input.mutable_data_ptr<scalar_t>();
+    p.N = grad_input.size(0);
+    p.C = grad_input.size(1);
+    p.HW = grad_input.size(2) * grad_input.size(3);
+    value_switch<false, true>(relu, [&](auto relu_c) {
+      value_switch<false, true>(input_.has_value(), [&](auto input_c) {
+        value_switch<false, true>(accumulate, [&](auto acc_c) {
+          launch_apply<scalar_t, decltype(relu_c)::value, ResidualGrad::kNone, decltype(input_c)::value,
+                       decltype(acc_c)::value>(p, layout);
+        });
+      });
+    });
+  });
 }
 
 }  // namespace
@@ -413,6 +463,7 @@ std::tuple<at::Tensor, at::Tensor> bn_act_backward_apply_cpu(
 TORCH_LIBRARY_IMPL(resfuse, CPU, m) {
   m.impl("bn_act_backward_reduce", &bn_act_backward_reduce_cpu);
   m.impl("bn_act_backward_apply", &bn_act_backward_apply_cpu);
+  m.impl("bn_act_backward_apply_", &bn_act_backward_apply_inplace_cpu);
 }
 
 }  // namespace resfuse::cpu

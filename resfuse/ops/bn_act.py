@@ -25,7 +25,7 @@ from torch._prims_common import suggest_memory_format
 
 from .. import _extension
 
-__all__ = ["bn_act", "bn_act_backward_apply", "bn_act_backward_reduce", "bn_stats"]
+__all__ = ["bn_act", "bn_act_backward_apply", "bn_act_backward_apply_", "bn_act_backward_reduce", "bn_stats"]
 
 
 def _op(name: str):
@@ -86,6 +86,20 @@ def bn_act_backward_apply(grad_out: Tensor, output: Tensor, input: Tensor, a: Te
                                         relu, residual_grad)
 
 
+def bn_act_backward_apply_(grad_input: Tensor, grad_out: Tensor, output: Tensor, input: Tensor | None,
+                           a: Tensor, b: Tensor, d: Tensor, relu: bool = True, accumulate: bool = False) -> None:
+    """In place: ``grad_input = a[c] * dz + b[c] * input + d[c]``, plus ``grad_input``'s old value
+    when ``accumulate``; without ``input`` the ``b`` term is absent (not ``0 * input``).
+
+    ``grad_input`` is dense NCHW or channels_last and may be ``grad_out`` itself (a gradient buffer
+    the caller owns; ``accumulate`` must then be False) but must not otherwise share memory with an
+    operand. The fused backward uses it to turn a conv's input gradient into the previous layer's
+    ``dL/dy`` without a new buffer, and to add the identity shortcut's ``dz`` into the block input's
+    gradient. Returns None.
+    """
+    _op("bn_act_backward_apply_")(grad_input, grad_out, output, input, a, b, d, relu, accumulate)
+
+
 # ---- fake kernels: output metadata only (shapes, dtypes, memory format), for torch.compile ----------
 
 def _like_input(input: Tensor) -> Tensor:
@@ -119,3 +133,7 @@ if _extension.LOADED:
                                     residual_grad):
         grad_residual = _like_input(input) if residual_grad else input.new_empty((0,))
         return _like_input(input), grad_residual
+
+    @torch.library.register_fake("resfuse::bn_act_backward_apply_")
+    def _bn_act_backward_apply_inplace_fake(grad_input, grad_out, output, input, a, b, d, relu, accumulate):
+        return None

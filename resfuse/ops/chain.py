@@ -174,6 +174,8 @@ class ConvBNChainFunction(torch.autograd.Function):
         n_flat = len(ctx.needs_input_grad) - 3
         grads = [None] * n_flat
         grad_out = grad_out.contiguous(memory_format=_memory_format(out))
+        # reuse gradient buffers this backward owns (no new tensor per layer) where the backend can
+        apply_ = None if torch.compiler.is_compiling() else be.bn_act_backward_apply_
 
         # -- last layer + shortcut: one reduce, one apply -----------------------------------------
         mean, invstd, scale, shift, count = norms[-1]
@@ -188,7 +190,7 @@ class ConvBNChainFunction(torch.autograd.Function):
                                         spec.layers[-1], spec)
         _put_affine(grads, k - 1, gg, gb, None if gammas[-1] is None else gammas[-1].dtype)
         res_idx = _PER_LAYER * k - (1 if spec.proj_on_x else 0)  # flat index of x_s (or the residual)
-        grad_identity = None
+        grad_identity, identity_late = None, False
         if proj:
             ra, rb, rd, gg_s, gb_s = _coefficients(sum_dz, sum_dz_rmu, mean_s, invstd_s, gamma_s, count_s,
                                                    Ls, spec)
@@ -212,11 +214,13 @@ class ConvBNChainFunction(torch.autograd.Function):
                 need_res = ctx.needs_input_grad[3 + res_idx]
             else:
                 need_res = spec.shortcut == "identity" and ctx.needs_input_grad[2]
+            # identity: dz is added into x's gradient at the end, from grad_out and out (alive anyway)
+            identity_late = need_res and spec.shortcut == "identity" and apply_ is not None
             gy, g_res = be.bn_act_backward_apply(grad_out, out, ys[-1], a, b, d, None, None, None, None,
-                                                 spec.relu, need_res)
+                                                 spec.relu, need_res and not identity_late)
             if need_res and spec.shortcut == "tensor":
                 grads[res_idx] = g_res
-            elif need_res:
+            elif need_res and not identity_late:
                 grad_identity = g_res
 
         # -- conv_i backward, then the fused dReLU + dBN of layer i-1 -------------------------------
@@ -232,13 +236,20 @@ class ConvBNChainFunction(torch.autograd.Function):
                 a, b, d, gg, gb = _coefficients(s1, s2, pm, pinv, gammas[i - 1], pcount,
                                                 spec.layers[i - 1], spec)
                 _put_affine(grads, i - 1, gg, gb, None if gammas[i - 1] is None else gammas[i - 1].dtype)
-                gy_prev, _ = be.bn_act_backward_apply(g_inp, inp, ys[i - 1], a, b, d, None, None, None, None,
-                                                      True, False)
-                del inp
+                if apply_ is not None:  # g_inp (ours, fresh) becomes dL/dy_{i-1}
+                    apply_(g_inp, g_inp, inp, ys[i - 1], a, b, d, True, False)
+                    gy_prev = g_inp
+                else:
+                    gy_prev, _ = be.bn_act_backward_apply(g_inp, inp, ys[i - 1], a, b, d, None, None, None,
+                                                          None, True, False)
+                del inp, g_inp
             else:
                 g_inp, gw = be.conv_backward(gy, x, weights[0], L.geom, ctx.needs_input_grad[2], need_w)
-                if grad_identity is not None:
-                    g_inp = grad_identity if g_inp is None else g_inp + grad_identity
+                if identity_late:  # += dz of the final ReLU
+                    one = torch.ones_like(mean)
+                    apply_(g_inp, grad_out, out, None, one, one, torch.zeros_like(mean), spec.relu, True)
+                elif grad_identity is not None:
+                    g_inp = grad_identity if g_inp is None else g_inp.add_(grad_identity)
                 grad_x, gy_prev = g_inp, None
             grads[_PER_LAYER * i] = gw
             gy = gy_prev

@@ -94,3 +94,16 @@ def bn_act_backward_apply(grad_out: Tensor, output: Tensor, input: Tensor, a: Te
     else:
         grad_residual = _like(dz, input)
     return _like(grad_input, input), grad_residual
+
+
+def bn_act_backward_apply_(grad_input: Tensor, grad_out: Tensor, output: Tensor, input: Tensor | None,
+                           a: Tensor, b: Tensor, d: Tensor, relu: bool = True, accumulate: bool = False) -> None:
+    """In place: ``grad_input (+)= a*dz [+ b*input] + d`` (the composite every backend can use)."""
+    if accumulate and grad_input is grad_out:
+        raise ValueError("bn_act_backward_apply_: grad_input is grad_out; accumulate must be false")
+    value = _channel(a) * _relu_grad(grad_out, output, relu) + _channel(d)
+    if input is not None:
+        value = value + _channel(b) * input.to(torch.float64)
+    if accumulate:
+        value = value + grad_input.to(torch.float64)
+    grad_input.copy_(value)

@@ -13,12 +13,13 @@ import torch
 from torch import nn
 
 import resfuse.reference as R
+from resfuse.testing import randomize_bn
 
 # tests/ holds the test-only helper tvshim.py; make it importable however pytest was invoked.
 TESTS_DIR = str(Path(__file__).resolve().parents[1])
 if TESTS_DIR not in sys.path:
     sys.path.insert(0, TESTS_DIR)
-from tvshim import import_timm, import_torchvision  # noqa: E402
+from tvshim import import_timm, import_torchvision
 
 IMAGENET_PARAMS = {
     "resnet18": 11_689_512,
@@ -55,21 +56,6 @@ def on_meta(factory, *args, **kwargs) -> nn.Module:
     """Build a model without allocating or initialising real storage (for structure-only checks)."""
     with torch.device("meta"):
         return factory(*args, **kwargs)
-
-
-def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Give every BN layer non-trivial affine parameters and running statistics (conv weights are
-    already random), so that comparing outputs exercises every weight and buffer."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                c = m.num_features
-                m.weight.copy_(torch.rand(c, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(c, generator=g) * 0.1)
-                m.running_mean.copy_(torch.randn(c, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
-    return model
 
 
 def tree(model: nn.Module) -> list[tuple[str, str]]:
@@ -318,8 +304,8 @@ def test_preact_block_order_and_shortcut(block_cls):
     planes = 8
     out_ch = planes * block_cls.expansion
     down = nn.Sequential(R.conv1x1(16, out_ch, stride=2))
-    projecting = randomize_norms(block_cls(16, planes, stride=2, downsample=down)).eval()
-    identity = randomize_norms(block_cls(out_ch, planes)).eval()
+    projecting = randomize_bn(block_cls(16, planes, stride=2, downsample=down)).eval()
+    identity = randomize_bn(block_cls(out_ch, planes)).eval()
     names = [n for n, _ in projecting.named_children()]
     expected = ["bn1", "conv1", "bn2", "conv2"] + (
         ["bn3", "conv3"] if block_cls is R.PreActBottleneck else []
@@ -436,7 +422,7 @@ def test_same_structure_as_torchvision(tv_models, name, kwargs):
 )
 def test_state_dict_interchange_with_torchvision(tv_models, name, kwargs):
     torch.manual_seed(0)
-    ours = randomize_norms(getattr(R, name)(**kwargs)).eval()
+    ours = randomize_bn(getattr(R, name)(**kwargs)).eval()
     # Built on meta (skipping a second and third random init); assign=True adopts the loaded tensors.
     theirs = on_meta(getattr(tv_models, name), **kwargs).eval()
     theirs.load_state_dict(ours.state_dict(), strict=True, assign=True)
@@ -451,7 +437,7 @@ def test_state_dict_interchange_with_torchvision(tv_models, name, kwargs):
 
 def test_training_step_matches_torchvision(tv_models):
     torch.manual_seed(0)
-    ours = randomize_norms(R.resnet18(num_classes=10))
+    ours = randomize_bn(R.resnet18(num_classes=10))
     theirs = tv_models.resnet18(num_classes=10)
     theirs.load_state_dict(ours.state_dict())
     x = torch.randn(2, 3, 32, 32)
@@ -470,7 +456,7 @@ def test_timm_resnet50_checkpoint_loads():
     theirs = timm.create_model("resnet50", pretrained=False).eval()
     ours = R.resnet50().eval()
     assert shapes(ours) == shapes(theirs)
-    randomize_norms(theirs)
+    randomize_bn(theirs)
     ours.load_state_dict(theirs.state_dict(), strict=True)
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():

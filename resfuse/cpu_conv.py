@@ -1,0 +1,302 @@
+"""Convolutions of the ``cpu`` backend: oneDNN (ATen), one GEMM, or Winograd F(2x2, 3x3), chosen per
+shape by measurement.
+
+oneDNN's direct convolutions run near this CPU's peak (~115 GFLOP/s fp32 on one core of the 2-core
+AMD EPYC here) where the spatial extent is large, and poorly where it is small: measured (torch 2.13,
+fp32, 1 thread, batch 8, channels_last) the weight gradient of ResNet-50's 3x3 512->512 conv on a 4x4
+map takes 12.3 ms through ATen — most of it a reorder of the blocked weight gradient back to
+``[Co, kh, kw, Ci]`` — and 7.2 ms as one GEMM; the 1x1 stride-2 1024->2048 projection takes 11.2 ms
+forward / 15.5 ms weight gradient through ATen and 6.8 / 6.0 ms as a GEMM. For 3x3 stride-1 layers,
+Winograd F(2x2, 3x3) needs 16/36 of the multiply-adds (``csrc/cpu/winograd.cpp``): 4x256x14x14 with
+bias, residual and ReLU takes 5.9 ms against 9.2 ms for oneDNN's fused convolution. Which one wins
+depends on the shape, the batch, the thread count and the CPU, so nothing is hard-coded: the first
+call of each shape times every candidate (``min`` of two runs each, after one warm-up run) and the
+fastest is kept for the process, like ``torch.backends.cudnn.benchmark``. A candidate other than
+oneDNN must be 5 % faster to be chosen, so near-ties stay on oneDNN.
+
+The GEMM forms, for channels_last ``x [N, Ci, H, W]`` (an NHWC buffer) and a channels_last weight
+``w [Co, Ci, kh, kw]`` (a ``[Co, kh*kw*Ci]`` matrix), with ``cols [N*Ho*Wo, kh*kw*Ci]`` the im2col
+gather of ``x`` (a *view* of ``x`` for a 1x1 stride-1 convolution, a copy otherwise):
+
+* forward:       ``y = cols @ w^T``            → ``[N*Ho*Wo, Co]`` = channels_last ``y``
+* weight grad:   ``gw = gy^T @ cols``          → ``[Co, kh*kw*Ci]`` = channels_last ``gw``
+* input grad (1x1 only): ``gx = gy @ w`` (scattered into a zero tensor for stride > 1)
+
+Winograd (3x3, stride 1, padding 1, one group, float32 channels_last): forward, and the input gradient
+as the forward convolution of ``gy`` by the rotated, transposed weight; in inference (``cpu_backend``)
+with the transformed weight cached and prepacked per folded weight. Its fp32 rounding error measured
+like the direct convolution's (~4e-7 relative to float64); a non-finite input makes the 2x2 output
+blocks of the tiles that read it non-finite (NaN), a superset of eager's — ``onednn`` keeps eager's
+pattern exactly.
+
+Results keep the layouts of their operands (channels_last in, channels_last out), so autograd never
+re-lays out a weight gradient. Accumulation is the GEMM's (fp32 for fp32/bf16/fp16, fp64 for fp64).
+
+Where no alternative applies (grouped convolution, NCHW activations or weights, an im2col buffer
+above :data:`MAX_COLS_BYTES`) or while ``torch.compile`` traces, ATen runs without a trial.
+``RESFUSE_CPU_CONV=onednn|gemm|winograd|auto`` (read at import) or :func:`set_algo` force a choice
+(``gemm``/``winograd`` = wherever it applies; the tests run each). :func:`choices` lists what was
+picked.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from . import _extension
+from .backends import ConvGeom
+
+ALGOS = ("auto", "onednn", "gemm", "winograd")
+#: largest im2col buffer the GEMM path may allocate (bytes); above it ATen runs without a trial
+MAX_COLS_BYTES = 32 << 20
+_MARGIN = 0.95  # an alternative is chosen only if it takes < 95 % of oneDNN's time
+
+
+def _env_algo() -> str:
+    v = os.environ.get("RESFUSE_CPU_CONV", "auto").strip().lower() or "auto"
+    if v not in ALGOS:
+        raise ValueError(f"RESFUSE_CPU_CONV={v!r}; valid: {', '.join(ALGOS)}")
+    return v
+
+
+_algo = _env_algo()
+_choices: Dict[tuple, str] = {}
+_lock = threading.Lock()
+
+
+def set_algo(name: Optional[str]) -> None:
+    """Force ``"onednn"`` or ``"gemm"`` (wherever it applies), or measure per shape (``"auto"``);
+    ``None`` goes back to ``RESFUSE_CPU_CONV``. Clears the per-shape choices."""
+    global _algo
+    if name is not None and name not in ALGOS:
+        raise ValueError(f"unknown CPU convolution algorithm {name!r}; valid: {', '.join(ALGOS)}")
+    _algo = _env_algo() if name is None else name
+    with _lock:
+        _choices.clear()
+
+
+def get_algo() -> str:
+    return _algo
+
+
+def choices() -> Dict[tuple, str]:
+    """``{(op, x shape, w shape, geometry, dtype, threads): "onednn" | "gemm"}`` decided so far."""
+    with _lock:
+        return dict(_choices)
+
+
+# -- the GEMM forms ----------------------------------------------------------------------------------
+def _out_hw(x, w, geom: ConvGeom) -> Tuple[int, int]:
+    return tuple((x.shape[2 + i] + 2 * geom.padding[i] - geom.dilation[i] * (w.shape[2 + i] - 1) - 1)
+                 // geom.stride[i] + 1 for i in range(2))
+
+
+def _is_cl(t: torch.Tensor) -> bool:
+    return t.is_contiguous(memory_format=torch.channels_last)
+
+
+def _cols(x, w, geom: ConvGeom):
+    """im2col of channels_last ``x`` as a ``[N*Ho*Wo, kh*kw*Ci]`` matrix (tap-major, channel-minor,
+    matching a channels_last weight), plus ``(Ho, Wo)``."""
+    n, c = x.shape[:2]
+    kh, kw = w.shape[2:]
+    ho, wo = _out_hw(x, w, geom)
+    xh = x.permute(0, 2, 3, 1)  # the NHWC buffer, as a view
+    ph, pw = geom.padding
+    if ph or pw:
+        xh = F.pad(xh, (0, 0, pw, pw, ph, ph))
+    s_n, s_h, s_w, s_c = xh.stride()
+    (sh, sw), (dh, dw) = geom.stride, geom.dilation
+    win = xh.as_strided((n, ho, wo, kh, kw, c), (s_n, s_h * sh, s_w * sw, s_h * dh, s_w * dw, s_c))
+    return win.reshape(n * ho * wo, kh * kw * c), ho, wo
+
+
+def _w_mat(w):
+    return w.permute(0, 2, 3, 1).reshape(w.shape[0], -1)  # a view for a channels_last weight
+
+
+def _g_mat(gy):
+    return gy.permute(0, 2, 3, 1).reshape(-1, gy.shape[1])  # a view for a channels_last gradient
+
+
+def gemm_forward(x, w, geom: ConvGeom):
+    cols, ho, wo = _cols(x, w, geom)
+    y = cols @ _w_mat(w).t()
+    return y.view(x.shape[0], ho, wo, w.shape[0]).permute(0, 3, 1, 2)
+
+
+def gemm_weight_grad(gy, x, w, geom: ConvGeom):
+    cols, _, _ = _cols(x, w, geom)
+    gw = _g_mat(gy).t() @ cols
+    co, ci, kh, kw = w.shape
+    return gw.view(co, kh, kw, ci).permute(0, 3, 1, 2)
+
+
+def gemm_input_grad(gy, x, w, geom: ConvGeom):
+    """1x1, no padding: ``gx[:, :, ::s, ::s] = gy @ w`` (zero elsewhere)."""
+    g = _g_mat(gy) @ _w_mat(w)
+    n, c, h, wd = x.shape
+    if geom.stride == (1, 1):
+        return g.view(n, h, wd, c).permute(0, 3, 1, 2)
+    gx = x.new_zeros((n, h, wd, c))
+    sh, sw = geom.stride
+    gx[:, ::sh, ::sw, :] = g.view(n, gy.shape[2], gy.shape[3], c)
+    return gx.permute(0, 3, 1, 2)
+
+
+# -- ATen --------------------------------------------------------------------------------------------
+def aten_forward(x, w, geom: ConvGeom):
+    return F.conv2d(x, w, None, geom.stride, geom.padding, geom.dilation, geom.groups)
+
+
+def _aten_backward(gy, x, w, geom: ConvGeom, need_input, need_weight):
+    gx, gw, _ = torch.ops.aten.convolution_backward(
+        gy, x, w, None, list(geom.stride), list(geom.padding), list(geom.dilation), False, [0, 0],
+        geom.groups, [need_input, need_weight, False])
+    return gx, gw
+
+
+# -- selection ----------------------------------------------------------------------------------------
+def _gemm_applies(op: str, x, w, geom: ConvGeom) -> bool:
+    if geom.groups != 1 or not (_is_cl(x) and _is_cl(w)):
+        return False
+    if op == "input_grad" and (w.shape[2:] != (1, 1) or geom.padding != (0, 0)):
+        return False
+    ho, wo = _out_hw(x, w, geom)
+    one_by_one_view = w.shape[2:] == (1, 1) and geom.stride == (1, 1) and geom.padding == (0, 0)
+    cols_bytes = x.shape[0] * ho * wo * w.shape[1] * w.shape[2] * w.shape[3] * x.element_size()
+    return one_by_one_view or cols_bytes <= MAX_COLS_BYTES
+
+
+def _timed(fn: Callable[[], torch.Tensor]):
+    t = time.perf_counter()
+    r = fn()
+    return time.perf_counter() - t, r
+
+
+def pick(op: str, key: tuple, candidates: Dict[str, Callable[[], torch.Tensor]]):
+    """Run ``op`` with the algorithm in force among ``candidates`` (``{"onednn": fn, ...}``, oneDNN
+    always present): the forced one where it is a candidate, else — under ``auto`` — the fastest,
+    measured on the first call of each ``key`` (one warm-up run, then the best of two per candidate;
+    a candidate other than oneDNN must beat it by 5 %)."""
+    if len(candidates) == 1 or _algo == "onednn":
+        return candidates["onednn"]()
+    if _algo != "auto":
+        return candidates.get(_algo, candidates["onednn"])()
+    key = (op, *key, torch.get_num_threads())
+    choice = _choices.get(key)
+    if choice is not None:
+        return candidates[choice]()
+    for fn in candidates.values():  # warm-up: primitive creation, weight packs, first touch
+        fn()
+    best, results = {}, {}
+    for name, fn in candidates.items():
+        best[name], results[name] = min((_timed(fn) for _ in range(2)), key=lambda tr: tr[0])
+    choice = min(best, key=lambda n: best[n] / (1.0 if n == "onednn" else _MARGIN))
+    with _lock:
+        _choices[key] = choice
+    return results[choice]
+
+
+def _key(x, w, geom: ConvGeom) -> tuple:
+    return (tuple(x.shape), tuple(w.shape), geom, x.dtype)
+
+
+def _candidates(op: str, x, w, geom: ConvGeom, onednn: Callable, gemm: Callable,
+                winograd: Optional[Callable] = None, wino_input=None):
+    """The algorithms that can run ``op`` here; ``wino_input`` is the tensor Winograd transforms."""
+    c = {"onednn": onednn}
+    if torch.compiler.is_compiling():
+        return c
+    if _gemm_applies(op, x, w, geom):
+        c["gemm"] = gemm
+    if winograd is not None and winograd_applies(wino_input, w, geom):
+        c["winograd"] = winograd
+    return c
+
+
+def forward(x, w, geom: ConvGeom):
+    """``conv2d(x, w)`` without bias; output in ``x``'s memory format."""
+    return pick("forward", _key(x, w, geom), _candidates(
+        "forward", x, w, geom, lambda: aten_forward(x, w, geom), lambda: gemm_forward(x, w, geom),
+        lambda: winograd_forward(x, winograd_weight(w)), x))
+
+
+def backward(gy, x, w, geom: ConvGeom, need_input=True, need_weight=True):
+    """``(grad_input | None, grad_weight | None)`` of ``conv2d(x, w)``; each in its operand's layout."""
+    gx = gw = None
+    key = _key(x, w, geom)
+    if need_input:
+        gx = pick("input_grad", key, _candidates(
+            "input_grad", x, w, geom, lambda: _aten_backward(gy, x, w, geom, True, False)[0],
+            lambda: gemm_input_grad(gy, x, w, geom),
+            lambda: winograd_forward(gy, winograd_weight(w, transpose=True)), gy))
+    if need_weight:
+        gw = pick("weight_grad", key, _candidates(
+            "weight_grad", x, w, geom, lambda: _aten_backward(gy, x, w, geom, False, True)[1],
+            lambda: gemm_weight_grad(gy, x, w, geom)))
+    return gx, gw
+
+
+# -- Winograd F(2x2, 3x3): 3x3, stride 1, padding 1 (csrc/cpu/winograd.cpp) ---------------------------
+_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
+_WINO_GEOM = ConvGeom((1, 1), (1, 1), (1, 1), 1)
+# the GEMMs run as oneDNN grouped convolutions (private ATen ops, probed by name only: the oneDNN
+# fast path of cpu_backend probes them for correctness; Winograd itself is checked by the tests)
+_HAS_MKLDNN = all(hasattr(torch.ops.mkldnn, n) for n in ("_convolution_pointwise", "_reorder_convolution_weight"))
+
+
+def winograd_applies(x, w, geom: ConvGeom) -> bool:
+    """3x3, stride 1, padding 1, one group, channels_last float32 (float64 too when forced, for
+    the tests; bfloat16/float16 are left to oneDNN: the transforms would round in them)."""
+    dtypes = (torch.float32,) if _algo == "auto" else (torch.float32, torch.float64)
+    return (_extension.LOADED and _HAS_MKLDNN and geom == _WINO_GEOM and tuple(w.shape[2:]) == (3, 3)
+            and x.dtype in dtypes and w.dtype == x.dtype and _is_cl(x) and x.device.type == "cpu")
+
+
+def winograd_weight(w, transpose: bool = False):
+    """``U = G w G^T`` as the weight of a 16-group 1x1 convolution, ``[16*Co, Ci, 1, 1]``.
+
+    ``transpose=True``: ``U`` of the input-gradient convolution (``w`` with its taps rotated by
+    180 degrees and ``Ci``/``Co`` swapped), ``[16*Ci, Co, 1, 1]``."""
+    k = torch.kron(*(torch.tensor(_G, dtype=w.dtype),) * 2)  # [16, 9]: vec(G g G^T) = K vec(g)
+    if transpose:  # rotating the 3x3 taps by 180 degrees reverses their order
+        k, taps = k.flip(1), w.permute(2, 3, 1, 0)
+    else:
+        taps = w.permute(2, 3, 0, 1)
+    rows, cols = taps.shape[2:]
+    return torch.mm(k, taps.reshape(9, rows * cols)).view(16 * rows, cols, 1, 1)
+
+
+def winograd_chunk(x) -> int:
+    """Tiles per chunk of :func:`winograd_forward`: all of them up to 256, else 256 (64 channels or
+    fewer) or 128 — so that a chunk's transformed input (256-512 KiB) and GEMM output stay in cache.
+    Measured on 4x64x56x56, fp32, 1 thread: 5.8 ms at 256 tiles per chunk, 10.0 at 512, 20.0 in one
+    chunk of 3136 (oneDNN's grouped GEMM slows down on long inputs); 4x128x28x28: 5.6 ms at 128,
+    6.8 at 256."""
+    n, c, h, w = x.shape
+    tiles = n * ((h + 1) // 2) * ((w + 1) // 2)
+    return tiles if tiles <= 256 else (256 if c <= 64 else 128)
+
+
+def winograd_forward(x, u, bias=None, residual=None, relu=False, chunk=None):
+    """``act(conv3x3(x) + bias + residual)`` (stride 1, padding 1) from ``u = winograd_weight(w)``;
+    channels_last in and out. ``u`` may be prepacked for the ``[1, 16*Ci, chunk, 1]`` GEMM input
+    (the inference path caches that); a dense float32 ``u`` is packed here, once for all chunks."""
+    chunk = chunk or winograd_chunk(x)
+    if x.dtype == torch.float32 and not u.is_mkldnn:
+        u = torch.ops.mkldnn._reorder_convolution_weight(u, [0, 0], [1, 1], [1, 1], 16,
+                                                         [1, 16 * x.shape[1], chunk, 1])
+    return torch.ops.resfuse.winograd_conv(x, u, bias, residual, relu, chunk)
+
+
+if _extension.LOADED:
+    @torch.library.register_fake("resfuse::winograd_conv")
+    def _winograd_conv_fake(input, weight, bias, residual, relu, chunk):
+        n, _, h, w = input.shape
+        return input.new_empty((n, weight.shape[0] // 16, h, w)).contiguous(memory_format=torch.channels_last)

@@ -1,0 +1,276 @@
+"""The cpu backend's convolution algorithms (``resfuse/cpu_conv.py``): the GEMM forms and the Winograd
+F(2x2, 3x3) convolution (``csrc/cpu/winograd.cpp``, ``torch.ops.resfuse.winograd_conv``) against
+float64 ATen on odd shapes; the per-shape measured choice; the fused chain trained (gradcheck) with
+each algorithm forced; argument errors and ``opcheck``."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import resfuse
+from resfuse import _extension, backends, cpu_conv, layout
+from resfuse.backends import ConvGeom
+from resfuse.testing import poisoned, randomize_bn
+
+pytestmark = pytest.mark.skipif(backends.instance("cpu")[0] is None,
+                                reason=f"cpu backend unavailable: {backends.instance('cpu')[1]}")
+
+CL = torch.channels_last
+WINO = ConvGeom((1, 1), (1, 1), (1, 1), 1)
+
+
+@pytest.fixture
+def algo():
+    """``algo(name)`` forces an algorithm for the test; the default comes back afterwards."""
+    yield cpu_conv.set_algo
+    cpu_conv.set_algo(None)
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
+
+
+def _cl(*shape, dtype=torch.float64):
+    return torch.randn(*shape, dtype=dtype).contiguous(memory_format=CL)
+
+
+def _aten_backward(gy, x, w, g: ConvGeom):
+    return torch.ops.aten.convolution_backward(gy, x, w, None, list(g.stride), list(g.padding), list(g.dilation),
+                                               False, [0, 0], g.groups, [True, True, False])[:2]
+
+
+GEOMS = [  # (N, Ci, Co, H, W, k, stride, padding, dilation)
+    (2, 5, 7, 9, 7, 3, 2, 1, 1), (1, 3, 4, 7, 9, 7, 2, 3, 1), (2, 8, 6, 9, 9, 3, 1, 2, 2),
+    (3, 16, 8, 5, 5, 1, 2, 0, 1), (2, 4, 4, 6, 6, 1, 1, 0, 1), (2, 4, 6, 9, 9, 3, 1, 0, 1), (1, 17, 3, 1, 1, 3, 1, 1, 1),
+]
+
+
+@pytest.mark.parametrize("geom", GEOMS, ids=lambda c: "x".join(map(str, c)))
+def test_gemm_forms_match_aten(geom):
+    n, ci, co, h, w_, k, s, p, d = geom
+    g = ConvGeom((s, s), (p, p), (d, d), 1)
+    x, w = _cl(n, ci, h, w_), _cl(co, ci, k, k)
+    y = F.conv2d(x, w, None, s, p, d)
+    gy = _cl(*y.shape)
+    gx, gw = _aten_backward(gy, x, w, g)
+    got = {"forward": cpu_conv.gemm_forward(x, w, g), "weight_grad": cpu_conv.gemm_weight_grad(gy, x, w, g)}
+    want = {"forward": y, "weight_grad": gw}
+    if k == 1 and p == 0:
+        got["input_grad"], want["input_grad"] = cpu_conv.gemm_input_grad(gy, x, w, g), gx
+    for name, value in got.items():
+        assert value.shape == want[name].shape, name
+        assert value.is_contiguous(memory_format=CL), f"{name}: not channels_last"
+        assert _rel(value, want[name]) < 1e-12, name
+
+
+WINO_SHAPES = [(2, 5, 7, 9, 7), (1, 3, 4, 1, 1), (2, 8, 6, 2, 3), (3, 16, 9, 6, 6), (1, 17, 5, 5, 8), (2, 32, 24, 14, 11)]
+
+
+@pytest.mark.parametrize("chunk", [None, 1, 7])
+@pytest.mark.parametrize("epilogue", ["none", "bias", "bias_residual_relu", "relu"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("shape", WINO_SHAPES, ids=lambda c: "x".join(map(str, c)))
+def test_winograd_matches_conv(shape, dtype, epilogue, chunk):
+    """Forward (with fused bias / residual / ReLU) and the input-gradient form, against float64 ATen;
+    any number of tiles per chunk (1, 7: chunks that do not divide the tiles, the default)."""
+    n, ci, co, h, w_ = shape
+    x, w = _cl(n, ci, h, w_), _cl(co, ci, 3, 3) / 3
+    bias = torch.randn(co, dtype=torch.float64) if "bias" in epilogue else None
+    res = _cl(n, co, h, w_) if "residual" in epilogue else None
+    relu = "relu" in epilogue
+    want = F.conv2d(x, w, bias, 1, 1) + (res if res is not None else 0)
+    want = want.relu() if relu else want
+    cast = (lambda t: None if t is None else t.to(dtype).contiguous(memory_format=CL)) \
+        if dtype != torch.float64 else (lambda t: t)
+    got = cpu_conv.winograd_forward(cast(x), cpu_conv.winograd_weight(cast(w)),
+                                    None if bias is None else bias.to(dtype), cast(res), relu, chunk)
+    tol = 1e-12 if dtype == torch.float64 else 2e-6
+    assert got.dtype == dtype and got.is_contiguous(memory_format=CL) and got.shape == want.shape
+    assert _rel(got, want) < tol
+
+    gy = _cl(n, co, h, w_)
+    gx, _ = _aten_backward(gy, x, w, WINO)
+    got_gx = cpu_conv.winograd_forward(cast(gy), cpu_conv.winograd_weight(cast(w), transpose=True), chunk=chunk)
+    assert _rel(got_gx, gx) < tol
+
+
+def test_winograd_fp32_error_like_direct_conv():
+    """fp32 Winograd F(2x2, 3x3) rounds like oneDNN's direct convolution (both against float64)."""
+    x, w = _cl(2, 256, 14, 14), _cl(256, 256, 3, 3) / 48
+    want = F.conv2d(x, w, None, 1, 1)
+    x32, w32 = x.float().contiguous(memory_format=CL), w.float().contiguous(memory_format=CL)
+    err_wino = _rel(cpu_conv.winograd_forward(x32, cpu_conv.winograd_weight(w32)), want)
+    err_direct = _rel(F.conv2d(x32, w32, None, 1, 1), want)
+    assert err_wino < max(4 * err_direct, 2e-6), (err_wino, err_direct)
+
+
+def test_winograd_nonfinite_input_is_not_masked():
+    """NaN in, NaN out: every output eager makes NaN is NaN (the transforms spread a NaN over the 2x2
+    output blocks of the tiles that read it, a superset); the finite outputs agree."""
+    x, w = _cl(1, 4, 8, 8, dtype=torch.float32), _cl(4, 4, 3, 3, dtype=torch.float32)
+    x[0, 1, 3, 4] = float("nan")
+    want = F.conv2d(x, w, None, 1, 1)
+    got = cpu_conv.winograd_forward(x, cpu_conv.winograd_weight(w), None, None, True)
+    assert got[want.isnan()].isnan().all()
+    fin = got.isfinite()
+    assert fin.sum() >= 4 * 64 - 4 * 16 and _rel(got[fin], want.relu()[fin]) < 2e-6
+
+
+def test_winograd_weight_is_cached_and_invalidated():
+    """The inference path transforms a folded weight once and again only after it changes."""
+    from resfuse import cpu_backend
+    w = _cl(8, 8, 3, 3, dtype=torch.float32)
+    u1 = cpu_backend._winograd_u(w)
+    assert cpu_backend._winograd_u(w) is u1
+    with torch.no_grad():
+        w.mul_(2)
+    u2 = cpu_backend._winograd_u(w)
+    assert u2 is not u1 and torch.allclose(u2, 2 * u1)
+
+
+# ------------------------------------------------------------------------------------ selection
+
+def test_set_algo_rejects_unknown_name(algo):
+    with pytest.raises(ValueError, match="unknown CPU convolution algorithm 'fft'; valid: auto, onednn, gemm"):
+        algo("fft")
+
+
+def test_auto_measures_once_per_shape(algo, monkeypatch):
+    algo("auto")
+    calls = {"gemm": 0}
+    real = cpu_conv.gemm_weight_grad
+
+    def spy(*a):
+        calls["gemm"] += 1
+        return real(*a)
+
+    monkeypatch.setattr(cpu_conv, "gemm_weight_grad", spy)
+    x, w = _cl(2, 8, 4, 4, dtype=torch.float32), _cl(16, 8, 3, 3, dtype=torch.float32)
+    gy = _cl(2, 16, 4, 4, dtype=torch.float32)
+    g = ConvGeom((1, 1), (1, 1), (1, 1), 1)
+    first = cpu_conv.backward(gy, x, w, g, False, True)[1]
+    trials = calls["gemm"]
+    assert trials == 3  # one warm-up and two timed runs
+    chosen = [v for k, v in cpu_conv.choices().items() if k[0] == "weight_grad"]
+    assert chosen and chosen[0] in ("onednn", "gemm")
+    for _ in range(3):
+        again = cpu_conv.backward(gy, x, w, g, False, True)[1]
+    assert calls["gemm"] == trials + (3 if chosen[0] == "gemm" else 0)
+    assert _rel(again, first) < 1e-5 and _rel(first, _aten_backward(gy, x, w, g)[1]) < 1e-5
+
+
+@pytest.mark.parametrize("case", ["nchw", "groups", "float16"])
+def test_unsupported_cases_stay_on_onednn(algo, case):
+    """NCHW or grouped: oneDNN without a trial; float16: no Winograd (its transforms would round)."""
+    algo("auto")
+    x, w = _cl(2, 8, 6, 6, dtype=torch.float32), _cl(8, 8, 3, 3, dtype=torch.float32)
+    g = WINO
+    if case == "nchw":
+        x = x.contiguous()
+    elif case == "groups":
+        w, g = w[:, :4].contiguous(memory_format=CL), ConvGeom((1, 1), (1, 1), (1, 1), 2)
+    else:
+        x, w = x.half(), w.half()
+    y = cpu_conv.forward(x, w, g)
+    assert _rel(y, F.conv2d(x.float(), w.float(), None, 1, 1, 1, g.groups)) < 1e-2
+    if case == "float16":
+        assert set(cpu_conv.choices().values()) <= {"onednn", "gemm"}
+    else:
+        assert not cpu_conv.choices()  # nothing to choose between: oneDNN ran without a trial
+
+
+@pytest.mark.parametrize("name", ["onednn", "gemm", "winograd"])
+def test_chain_gradcheck_with_each_algorithm(algo, name, monkeypatch):
+    """A fused BasicBlock (train-mode BN, identity and projection shortcuts) in float64 channels_last:
+    gradcheck with every convolution of the forward and backward on the forced algorithm."""
+    algo(name)
+    used = []
+    for fn in ("gemm_forward", "gemm_weight_grad", "gemm_input_grad", "winograd_forward"):
+        real = getattr(cpu_conv, fn)
+        monkeypatch.setattr(cpu_conv, fn, lambda *a, _r=real, _n=fn, **k: (used.append(_n), _r(*a, **k))[1])
+    for stride, cin in [(1, 4), (2, 3)]:
+        blk = randomize_bn(resfuse.nn.BasicBlock(cin, 4, stride, None if (stride, cin) == (1, 4) else torch.nn.Sequential(
+            torch.nn.Conv2d(cin, 4, 1, stride, bias=False), torch.nn.BatchNorm2d(4)))).double().train()
+        blk = blk.to(memory_format=CL)
+        x = torch.randn(2, cin, 6, 6, dtype=torch.float64).contiguous(memory_format=CL).requires_grad_()
+        params = [p for p in blk.parameters()]
+
+        def f(x, *ps, blk=blk):
+            return torch.func.functional_call(blk, dict(zip([n for n, _ in blk.named_parameters()], ps)), (x,))
+
+        with resfuse.use_backend("cpu"):
+            assert torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-5, rtol=1e-4)
+    if name == "gemm":
+        assert {"gemm_forward", "gemm_weight_grad", "gemm_input_grad"} <= set(used)
+    elif name == "winograd":
+        assert "winograd_forward" in used
+    else:
+        assert not used
+
+
+# ----------------------------------------------------------------------------------- op contract
+
+def _winograd_args(dtype, epilogue):
+    x = _cl(2, 5, 7, 6, dtype=dtype)
+    u = cpu_conv.winograd_weight(_cl(3, 5, 3, 3, dtype=dtype))
+    bias = torch.randn(3, dtype=dtype) if epilogue else None
+    res = _cl(2, 3, 7, 6, dtype=dtype) if epilogue else None
+    return (x, u, bias, res, epilogue, 5)
+
+
+@pytest.mark.skipif(not _extension.LOADED, reason="resfuse._C not built")
+def test_opcheck_winograd_conv():
+    for dtype, epilogue in [(torch.float32, False), (torch.float64, True), (torch.float32, True)]:
+        torch.library.opcheck(torch.ops.resfuse.winograd_conv.default, _winograd_args(dtype, epilogue))
+
+
+def _bad_winograd():
+    x, u, b, r, relu, chunk = _winograd_args(torch.float32, True)
+    op = torch.ops.resfuse.winograd_conv
+    return [
+        ("nchw input", lambda: op(x.contiguous(), u, b, r, relu, chunk), r"input must be dense channels_last"),
+        ("bf16", lambda: op(x.bfloat16(), u.bfloat16(), b, r, relu, chunk), r"input must be float32 or float64"),
+        ("weight shape", lambda: op(x, u[:, :4], b, r, relu, chunk),
+         r"weight must be the transformed weight \[16\*Co, Ci, 1, 1\] with Ci = 5"),
+        ("bias shape", lambda: op(x, u, b[:2], r, relu, chunk), r"bias must have shape \[Co\] = \[3\]"),
+        ("residual shape", lambda: op(x, u, b, r[:1], relu, chunk), r"residual must have shape \[2, 3, 7, 6\]"),
+        ("chunk", lambda: op(x, u, b, r, relu, 0), r"chunk must be positive"),
+        ("rank", lambda: op(x[0], u, b, r, relu, chunk), r"resfuse::winograd_conv: input must be a 4-D"),
+    ]
+
+
+@pytest.mark.skipif(not _extension.LOADED, reason="resfuse._C not built")
+@pytest.mark.parametrize("case", range(7), ids=[c[0] for c in _bad_winograd()])
+def test_winograd_bad_input(case):
+    _, call, message = _bad_winograd()[case]
+    with pytest.raises(RuntimeError, match=message):
+        call()
+
+
+def test_inference_layer_uses_measured_choice(algo):
+    """conv_bias_act under ``auto`` on a 3x3 fp32 channels_last layer: the choice is recorded, the
+    result equals ATen's whichever algorithm won, then and on later calls."""
+    algo("auto")
+    be = backends.instance("cpu")[0]
+    x, w = _cl(2, 16, 10, 10, dtype=torch.float32), _cl(16, 16, 3, 3, dtype=torch.float32)
+    b, r = torch.randn(16), _cl(2, 16, 10, 10, dtype=torch.float32)
+    want = (F.conv2d(x, w, b, 1, 1) + r).relu()
+    with torch.no_grad():
+        for _ in range(3):
+            out = be.conv_bias_act(x, w, b, WINO, poisoned(r).copy_(r), True)
+            assert _rel(out, want) < 2e-6
+    assert next(v for k, v in cpu_conv.choices().items() if k[0] == "inference") in ("onednn", "winograd")
+
+
+def test_fused_model_eval_with_winograd_matches_eager(algo):
+    algo("winograd")
+    from resfuse import reference
+    ref = randomize_bn(reference.resnet18(num_classes=10)).eval()
+    x = torch.randn(2, 3, 40, 40)
+    with torch.no_grad():
+        want = copy.deepcopy(ref).double()(x.double())
+        fused = layout.channels_last(resfuse.fuse(ref))
+        got = fused(x)
+        plain = ref(x)
+    assert _rel(got, want) < max(4 * _rel(plain, want), 1e-5)
