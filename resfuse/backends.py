@@ -82,6 +82,10 @@ class Backend:
             [0, 0], geom.groups, [need_input, need_weight, False])
         return gx, gw
 
+    def conv_input_grad_add_(self, acc, grad_y, x, w, geom: ConvGeom):
+        """``acc += dL/dx`` of ``conv(x, w)`` for ``grad_y`` (``acc`` is a gradient the caller owns)."""
+        acc.add_(self.conv_backward(grad_y, x, w, geom, True, False)[0])
+
     def prologue_input(self, prologue):
         """Materialise ``act(y_prev * scale + shift)`` of a prologue ``(y_prev, scale, shift, relu)``."""
         y_prev, scale, shift, relu = prologue

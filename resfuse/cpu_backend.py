@@ -205,6 +205,11 @@ class CpuBackend(Backend):
     def conv_backward(self, grad_y, x, w, geom: ConvGeom, need_input=True, need_weight=True):
         return cpu_conv.backward(grad_y, x, w, geom, need_input, need_weight)
 
+    def conv_input_grad_add_(self, acc, grad_y, x, w, geom: ConvGeom):
+        if cpu_conv.gemm_input_grad_add_(acc, grad_y, x, w, geom):
+            return
+        super().conv_input_grad_add_(acc, grad_y, x, w, geom)
+
     # -- inference: conv + bias + residual + ReLU ----------------------------------------------------
     def conv_bias_act(self, x, w, bias, geom: ConvGeom, residual=None, relu=True):
         """``act(conv(x, w) + bias[c] + residual)``: one oneDNN call when the fast path applies, or

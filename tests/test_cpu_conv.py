@@ -274,3 +274,18 @@ def test_fused_model_eval_with_winograd_matches_eager(algo):
         got = fused(x)
         plain = ref(x)
     assert _rel(got, want) < max(4 * _rel(plain, want), 1e-5)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("hw", [6, 7])
+def test_gemm_input_grad_add(stride, hw):
+    """``acc += dL/dx`` of a 1x1 (strided) convolution, added in place into a channels_last gradient."""
+    x, w = _cl(2, 5, hw, hw), _cl(3, 5, 1, 1)
+    g = ConvGeom((stride, stride), (0, 0), (1, 1), 1)
+    gy = _cl(*F.conv2d(x, w, None, stride).shape)
+    acc = _cl(2, 5, hw, hw)
+    want = acc + _aten_backward(gy, x, w, g)[0]
+    ptr = acc.data_ptr()
+    assert cpu_conv.gemm_input_grad_add_(acc, gy, x, w, g)
+    assert acc.data_ptr() == ptr and _rel(acc, want) < 1e-12
+    assert not cpu_conv.gemm_input_grad_add_(acc.contiguous(), gy, x, w, g)  # NCHW: not handled here

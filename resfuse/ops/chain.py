@@ -190,7 +190,7 @@ class ConvBNChainFunction(torch.autograd.Function):
                                         spec.layers[-1], spec)
         _put_affine(grads, k - 1, gg, gb, None if gammas[-1] is None else gammas[-1].dtype)
         res_idx = _PER_LAYER * k - (1 if spec.proj_on_x else 0)  # flat index of x_s (or the residual)
-        grad_identity, identity_late = None, False
+        grad_identity, identity_late, proj_late = None, False, None
         if proj:
             ra, rb, rd, gg_s, gb_s = _coefficients(sum_dz, sum_dz_rmu, mean_s, invstd_s, gamma_s, count_s,
                                                    Ls, spec)
@@ -202,13 +202,19 @@ class ConvBNChainFunction(torch.autograd.Function):
             if gg_s is not None:
                 grads[res_idx + 2] = gg_s.to(gamma_s.dtype)
                 grads[res_idx + 3] = gb_s.to(gamma_s.dtype)
-            if need_res:
+            if need_res and spec.proj_on_x and need_xs and ctx.needs_input_grad[2] and apply_ is not None:
+                # the projection's input gradient is added into x's at the end; until then only g_res
+                # (output-sized) is kept instead of an input-sized gradient
+                grads[res_idx + 1] = be.conv_backward(g_res, xs, ws, Ls.geom, False, need_ws)[1]
+                proj_late = g_res
+            elif need_res:
                 gxs, gws = be.conv_backward(g_res, xs, ws, Ls.geom, need_xs, need_ws)
                 grads[res_idx + 1] = gws
                 if spec.proj_on_x:
                     grad_identity = gxs
                 else:
                     grads[res_idx] = gxs
+            del g_res
         else:
             if spec.shortcut == "tensor":
                 need_res = ctx.needs_input_grad[3 + res_idx]
@@ -245,7 +251,11 @@ class ConvBNChainFunction(torch.autograd.Function):
                 del inp, g_inp
             else:
                 g_inp, gw = be.conv_backward(gy, x, weights[0], L.geom, ctx.needs_input_grad[2], need_w)
-                if identity_late:  # += dz of the final ReLU
+                del gy
+                if proj_late is not None:  # += the projection's input gradient
+                    be.conv_input_grad_add_(g_inp, proj_late, x, ws, Ls.geom)
+                    del proj_late
+                elif identity_late:  # += dz of the final ReLU
                     one = torch.ones_like(mean)
                     apply_(g_inp, grad_out, out, None, one, one, torch.zeros_like(mean), spec.relu, True)
                 elif grad_identity is not None:
