@@ -186,9 +186,15 @@ def test_chain_gradcheck_with_each_algorithm(algo, name, monkeypatch):
     gradcheck with every convolution of the forward and backward on the forced algorithm."""
     algo(name)
     used = []
-    for fn in ("gemm_forward", "gemm_weight_grad", "gemm_input_grad", "winograd_forward"):
+    for fn in ("gemm_forward", "gemm_weight_grad", "gemm_input_grad", "gemm_input_grad_add_", "winograd_forward"):
         real = getattr(cpu_conv, fn)
-        monkeypatch.setattr(cpu_conv, fn, lambda *a, _r=real, _n=fn, **k: (used.append(_n), _r(*a, **k))[1])
+        def spy(*a, _r=real, _n=fn, **k):
+            r = _r(*a, **k)
+            if r is not False:  # gemm_input_grad_add_ returns False when it did nothing
+                used.append(_n)
+            return r
+
+        monkeypatch.setattr(cpu_conv, fn, spy)
     for stride, cin in [(1, 4), (2, 3)]:
         blk = randomize_bn(resfuse.nn.BasicBlock(cin, 4, stride, None if (stride, cin) == (1, 4) else torch.nn.Sequential(
             torch.nn.Conv2d(cin, 4, 1, stride, bias=False), torch.nn.BatchNorm2d(4)))).double().train()
@@ -201,8 +207,8 @@ def test_chain_gradcheck_with_each_algorithm(algo, name, monkeypatch):
 
         with resfuse.use_backend("cpu"):
             assert torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-5, rtol=1e-4)
-    if name == "gemm":
-        assert {"gemm_forward", "gemm_weight_grad", "gemm_input_grad"} <= set(used)
+    if name == "gemm":  # the projection's input gradient is added into x's (gemm_input_grad_add_)
+        assert {"gemm_forward", "gemm_weight_grad", "gemm_input_grad_add_"} <= set(used)
     elif name == "winograd":
         assert "winograd_forward" in used
     else:
@@ -289,3 +295,8 @@ def test_gemm_input_grad_add(stride, hw):
     assert cpu_conv.gemm_input_grad_add_(acc, gy, x, w, g)
     assert acc.data_ptr() == ptr and _rel(acc, want) < 1e-12
     assert not cpu_conv.gemm_input_grad_add_(acc.contiguous(), gy, x, w, g)  # NCHW: not handled here
+    cpu_conv.set_algo("onednn")
+    try:
+        assert not cpu_conv.gemm_input_grad_add_(acc, gy, x, w, g)  # oneDNN forced: not here either
+    finally:
+        cpu_conv.set_algo(None)
