@@ -132,19 +132,23 @@ def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: Optional[torch.dtype] = 
     ``w'`` has the conv weight's dtype (or ``dtype``), ``b'`` is float32 (float64 for float64 weights).
     Cached per conv module and invalidated when any of the tensors involved changes (their version
     counters, identities, storage (``param.data = ...``), dtype or device) — so an optimizer step, ``load_state_dict``, ``.to()`` or
-    a manual in-place edit is seen by the next call. ``weight`` replaces ``conv.weight``.
+    a manual in-place edit is seen by the next call. ``weight`` replaces ``conv.weight`` (cached too,
+    by identity: a layer that passes the same override tensor again gets the same folded weight, and
+    so the same oneDNN pack and Winograd transform).
     """
     w = conv.weight if weight is None else weight
     dtype = dtype or w.dtype
     tensors = (w, bn.weight, bn.bias, bn.running_mean, bn.running_var)
-    # an override weight is a fresh tensor per call (its id may be reused after it is freed): no caching
-    cache = weight is None and not torch.compiler.is_compiling()
+    # The entry keeps the weight it was made from alive and must find that very object again: an
+    # override weight (e.g. the RiR layer's cached W_cat + P) may be a fresh tensor whose id and
+    # storage address repeat those of a freed one.
+    cache = not torch.compiler.is_compiling()
     key = None
     if cache:
         key = (dtype, bn.eps) + tuple((id(t), t._version, t.data_ptr(), t.device, t.dtype) if t is not None
                                       else None for t in tensors)
         hit = _FOLD_CACHE.get(conv)
-        if hit is not None and hit[0] == key:
+        if hit is not None and hit[0] == key and hit[3] is w:
             return hit[1], hit[2]
     with torch.no_grad():
         sd = torch.float64 if w.dtype == torch.float64 else torch.float32
@@ -158,7 +162,7 @@ def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: Optional[torch.dtype] = 
         if w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous():
             wf = wf.contiguous(memory_format=torch.channels_last)
     if cache:
-        _FOLD_CACHE[conv] = (key, wf, bias)
+        _FOLD_CACHE[conv] = (key, wf, bias, w)
     return wf, bias
 
 
