@@ -291,14 +291,17 @@ def winograd_weight(w, transpose: bool = False):
 
 
 def winograd_chunk(x) -> int:
-    """Tiles per chunk of :func:`winograd_forward`: all of them up to 256, else 256 (64 channels or
-    fewer) or 128 — so that a chunk's transformed input (256-512 KiB) and GEMM output stay in cache.
-    Measured on 4x64x56x56, fp32, 1 thread: 5.8 ms at 256 tiles per chunk, 10.0 at 512, 20.0 in one
-    chunk of 3136 (oneDNN's grouped GEMM slows down on long inputs); 4x128x28x28: 5.6 ms at 128,
-    6.8 at 256."""
+    """Tiles per chunk of :func:`winograd_forward`, measured (fp32, 1 and 2 threads): all tiles up
+    to 256 (up to 1024 for 64 channels or fewer), else 256 (<= 64 channels) or 128 — so that a
+    chunk's transformed input and GEMM output stay in cache; oneDNN's grouped GEMM also slows down
+    on long inputs. 4x64x56x56 (3136 tiles), 1 thread: 5.7 ms at 256 per chunk, 9.2 at 512, 19.9 in
+    one chunk; 1x64x56x56 (784 tiles): 1.24 ms in one chunk, 1.54 at 256; 4x128x28x28: 5.4 ms at
+    128, 6.5 at 256."""
     n, c, h, w = x.shape
     tiles = n * ((h + 1) // 2) * ((w + 1) // 2)
-    return tiles if tiles <= 256 else (256 if c <= 64 else 128)
+    if tiles <= 256 or (c <= 64 and tiles <= 1024):
+        return tiles
+    return 256 if c <= 64 else 128
 
 
 def winograd_forward(x, u, bias=None, residual=None, relu=False, chunk=None):
