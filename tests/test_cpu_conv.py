@@ -300,3 +300,11 @@ def test_gemm_input_grad_add(stride, hw):
         assert not cpu_conv.gemm_input_grad_add_(acc, gy, x, w, g)  # oneDNN forced: not here either
     finally:
         cpu_conv.set_algo(None)
+
+
+def test_explain_reports_the_choices(algo):
+    algo("auto")
+    x, w = _cl(2, 8, 6, 6, dtype=torch.float32), _cl(8, 8, 3, 3, dtype=torch.float32)
+    cpu_conv.forward(x, w, WINO)
+    report = resfuse.explain()
+    assert "cpu convolutions: auto (RESFUSE_CPU_CONV); measured choices for 1 shapes:" in report
