@@ -527,8 +527,8 @@ def run_profile(args):
                 t = e.self_cpu_time_total / args.reps / 1e3
                 total += t
                 n = e.key
-                if "conv" in n.lower():
-                    c = "convolution fwd+bwd (oneDNN)"
+                if "conv" in n.lower() or n in ("aten::mm", "aten::bmm"):
+                    c = "convolution fwd+bwd (oneDNN, GEMM, Winograd; + the fc's mm)"
                 elif n.startswith("resfuse::") or "batch_norm" in n or "native_batch_norm" in n:
                     c = "BN stats/apply/backward" if n.startswith("resfuse::") or "batch_norm" in n else n
                 elif n in ("aten::relu", "aten::relu_", "aten::threshold_backward", "aten::add", "aten::add_",
@@ -541,7 +541,8 @@ def run_profile(args):
                 else:
                     c = "other (copies, fc, loss, autograd, Python)"
                 cats[c] = cats.get(c, 0.0) + t
-            print(f"\n# {arch} ({src}) train step {name}: {total:.0f} ms self CPU per step")
+            print(f"\n# {arch} ({src}) train step {name}: {total:.0f} ms self CPU per step\n")
+            print("| category | ms per step | share |\n|---|---:|---:|")
             for c, t in sorted(cats.items(), key=lambda kv: -kv[1]):
                 print(f"| {c} | {t:.1f} ms | {100 * t / total:.0f} % |")
             top = sorted(p.key_averages(), key=lambda e: -e.self_cpu_time_total)[:12]
