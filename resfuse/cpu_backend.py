@@ -1,5 +1,6 @@
-"""The ``cpu`` backend: resfuse's C++ kernels (``csrc/cpu``) for the BN/ReLU/add passes and oneDNN
-convolutions through ATen.
+"""The ``cpu`` backend: resfuse's C++ kernels (``csrc/cpu``) for the BN/ReLU/add passes; convolutions
+through oneDNN (ATen), one GEMM or Winograd F(2x2, 3x3), chosen per shape by measurement
+(:mod:`resfuse.cpu_conv`).
 
 Two paths for the inference form ``conv_bias_act`` (BN already folded into ``w`` and ``bias``):
 
@@ -12,14 +13,17 @@ Two paths for the inference form ``conv_bias_act`` (BN already folded into ``w``
   conv weight, BN parameter or buffer changes (version counters, identity, dtype, device), so a changed
   model can never meet a stale packed weight; the pack dies with its folded weight.
   A weight seen for the first time is not packed (a per-call weight, e.g. the RiR layer's
-  ``W_cat + I``, would otherwise be repacked on every call); from the second call on it is.
+  ``W_cat + I``, would otherwise be repacked on every call); from the second call on it is. For a 3x3
+  stride-1 fp32 channels_last layer the first call also times the Winograd form (transformed weight
+  cached and prepacked the same way, bias + residual + ReLU in its output transform) and keeps the
+  faster one.
 * **portable path** — ATen convolution + ``torch.ops.resfuse.bn_act`` (bias + residual + ReLU in one
   pass), i.e. :class:`resfuse.backends.Backend`'s composition. Used when the private ops are missing
   or fail the import-time probe, for dtypes oneDNN does not run here (float64; float16 without
   AVX512-FP16), when ``torch.backends.mkldnn`` is disabled, while ``torch.compile`` traces, when a
   gradient is needed, and whenever it is forced:
 
-  - environment: ``RESFUSE_CPU_PORTABLE=1`` (read at import; CI runs the suite both ways);
+  - environment: ``RESFUSE_CPU_PORTABLE=1`` (read at import; tested in a subprocess);
   - process-wide: :func:`set_onednn` ``(False)`` / ``(True)`` / ``(None)`` (back to the environment);
   - per thread: ``with resfuse.cpu_backend.portable():``.
 
@@ -198,7 +202,7 @@ class CpuBackend(Backend):
                 return f"dtype {t.dtype} is not one of float32, float64, bfloat16, float16"
         return None
 
-    # -- training convolutions: oneDNN or one GEMM per shape, by measurement (resfuse/cpu_conv.py) ----
+    # -- convolutions: oneDNN, one GEMM or Winograd per shape, by measurement (resfuse/cpu_conv.py) --
     def conv(self, x, w, geom: ConvGeom):
         return cpu_conv.forward(x, w, geom)
 

@@ -71,8 +71,9 @@ _lock = threading.Lock()
 
 
 def set_algo(name: Optional[str]) -> None:
-    """Force ``"onednn"`` or ``"gemm"`` (wherever it applies), or measure per shape (``"auto"``);
-    ``None`` goes back to ``RESFUSE_CPU_CONV``. Clears the per-shape choices."""
+    """Force ``"onednn"``, ``"gemm"`` or ``"winograd"`` (the latter two wherever they apply, oneDNN
+    elsewhere), or measure per shape (``"auto"``); ``None`` goes back to ``RESFUSE_CPU_CONV``.
+    Clears the per-shape choices. Process-wide."""
     global _algo
     if name is not None and name not in ALGOS:
         raise ValueError(f"unknown CPU convolution algorithm {name!r}; valid: {', '.join(ALGOS)}")
@@ -86,7 +87,8 @@ def get_algo() -> str:
 
 
 def choices() -> Dict[tuple, str]:
-    """``{(op, x shape, w shape, geometry, dtype, threads): "onednn" | "gemm"}`` decided so far."""
+    """``{(op, x shape, w shape, geometry, dtype[, residual, relu], threads): algorithm}`` decided so
+    far under ``auto``; ``op`` is ``forward``, ``input_grad``, ``weight_grad`` or ``inference``."""
     with _lock:
         return dict(_choices)
 
