@@ -243,7 +243,7 @@ def forward(x, w, geom: ConvGeom):
     """``conv2d(x, w)`` without bias; output in ``x``'s memory format."""
     return pick("forward", _key(x, w, geom), _candidates(
         "forward", x, w, geom, lambda: aten_forward(x, w, geom), lambda: gemm_forward(x, w, geom),
-        lambda: winograd_forward(x, winograd_weight(w)), x))
+        lambda: _winograd_training(x, w, False), x))
 
 
 def backward(gy, x, w, geom: ConvGeom, need_input=True, need_weight=True):
@@ -254,7 +254,7 @@ def backward(gy, x, w, geom: ConvGeom, need_input=True, need_weight=True):
         gx = pick("input_grad", key, _candidates(
             "input_grad", x, w, geom, lambda: _aten_backward(gy, x, w, geom, True, False)[0],
             lambda: gemm_input_grad(gy, x, w, geom),
-            lambda: winograd_forward(gy, winograd_weight(w, transpose=True)), gy))
+            lambda: _winograd_training(gy, w, True), gy))
     if need_weight:
         gw = pick("weight_grad", key, _candidates(
             "weight_grad", x, w, geom, lambda: _aten_backward(gy, x, w, geom, False, True)[1],
@@ -306,15 +306,29 @@ def winograd_chunk(x) -> int:
     return 256 if c <= 64 else 128
 
 
-def winograd_forward(x, u, bias=None, residual=None, relu=False, chunk=None):
-    """``act(conv3x3(x) + bias + residual)`` (stride 1, padding 1) from ``u = winograd_weight(w)``;
-    channels_last in and out. ``u`` may be prepacked for the ``[1, 16*Ci, chunk, 1]`` GEMM input
-    (the inference path caches that); a dense float32 ``u`` is packed here, once for all chunks."""
-    chunk = chunk or winograd_chunk(x)
+def _packed(x, u, chunk: int):
+    """A dense float32 ``u`` prepacked (oneDNN) for the ``[1, 16*Ci, chunk, 1]`` GEMM input, once for
+    all chunks; ``u`` itself when already packed or not float32."""
     if x.dtype == torch.float32 and not u.is_mkldnn:
-        u = torch.ops.mkldnn._reorder_convolution_weight(u, [0, 0], [1, 1], [1, 1], 16,
-                                                         [1, 16 * x.shape[1], chunk, 1])
-    return torch.ops.resfuse.winograd_conv(x, u, bias, residual, relu, chunk)
+        return torch.ops.mkldnn._reorder_convolution_weight(u, [0, 0], [1, 1], [1, 1], 16,
+                                                            [1, 16 * x.shape[1], chunk, 1])
+    return u
+
+
+def winograd_forward(x, u, bias=None, residual=None, relu=False, chunk=None):
+    """``act(conv3x3(x) + bias + residual)`` (stride 1, padding 1) from ``u = winograd_weight(w)``
+    (dense, or prepacked for the ``[1, 16*Ci, chunk, 1]`` GEMM input as the inference path caches
+    it); channels_last in and out."""
+    chunk = chunk or winograd_chunk(x)
+    return torch.ops.resfuse.winograd_conv(x, _packed(x, u, chunk), bias, residual, relu, chunk)
+
+
+def _winograd_training(x, w, transpose: bool):
+    """Winograd with a weight that changes every step: the dense transform (16/9 of the weight) is
+    freed once packed, before the convolution runs, so a train step's peak sees one copy."""
+    chunk = winograd_chunk(x)
+    u = _packed(x, winograd_weight(w, transpose), chunk)
+    return torch.ops.resfuse.winograd_conv(x, u, None, None, False, chunk)
 
 
 if _extension.LOADED:
