@@ -58,8 +58,8 @@ _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 ENV_PORTABLE = "RESFUSE_CPU_PORTABLE"
 _PACK_ATTR = "_resfuse_onednn_pack"  # attribute of a folded weight tensor: {key: packed weight}
 _WINO_ATTR = "_resfuse_winograd"  # attribute of a folded weight tensor: (version, Winograd U)
-_MAX_PACKS = 4
-_GEMM_GEOM = ConvGeom((1, 1), (0, 0), (1, 1), 16)  # packed copies kept per folded weight (one per input shape seen), oldest dropped
+_MAX_PACKS = 4  # packed copies kept per folded weight (one per input shape seen), oldest dropped
+_GEMM_GEOM = ConvGeom((1, 1), (0, 0), (1, 1), 16)  # the Winograd GEMMs: one 16-group 1x1 convolution
 
 
 def _env_portable() -> bool:

@@ -40,6 +40,7 @@ picked.
 """
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import time
@@ -278,12 +279,19 @@ def winograd_applies(x, w, geom: ConvGeom) -> bool:
             and x.dtype in dtypes and w.dtype == x.dtype and _is_cl(x) and x.device.type == "cpu")
 
 
+@functools.cache
+def _kron_g(dtype: torch.dtype) -> torch.Tensor:
+    """``K = G (x) G``, ``[16, 9]``: ``vec(G g G^T) = K vec(g)`` (built once per dtype, not per call)."""
+    g = torch.tensor(_G, dtype=dtype)
+    return torch.kron(g, g)
+
+
 def winograd_weight(w, transpose: bool = False):
     """``U = G w G^T`` as the weight of a 16-group 1x1 convolution, ``[16*Co, Ci, 1, 1]``.
 
     ``transpose=True``: ``U`` of the input-gradient convolution (``w`` with its taps rotated by
     180 degrees and ``Ci``/``Co`` swapped), ``[16*Ci, Co, 1, 1]``."""
-    k = torch.kron(*(torch.tensor(_G, dtype=w.dtype),) * 2)  # [16, 9]: vec(G g G^T) = K vec(g)
+    k = _kron_g(w.dtype)
     if transpose:  # rotating the 3x3 taps by 180 degrees reverses their order
         k, taps = k.flip(1), w.permute(2, 3, 1, 0)
     else:

@@ -202,7 +202,7 @@ class ConvBNChainFunction(torch.autograd.Function):
             if gg_s is not None:
                 grads[res_idx + 2] = gg_s.to(gamma_s.dtype)
                 grads[res_idx + 3] = gb_s.to(gamma_s.dtype)
-            if need_res and spec.proj_on_x and need_xs and ctx.needs_input_grad[2] and apply_ is not None:
+            if spec.proj_on_x and need_xs and apply_ is not None:
                 # the projection's input gradient is added into x's at the end; until then only g_res
                 # (output-sized) is kept instead of an input-sized gradient
                 grads[res_idx + 1] = be.conv_backward(g_res, xs, ws, Ls.geom, False, need_ws)[1]
