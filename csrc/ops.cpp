@@ -60,6 +60,24 @@ TORCH_LIBRARY(resfuse, m) {
       "Tensor a, Tensor b, Tensor d, bool relu, bool accumulate) -> ()",
       {at::Tag::pt2_compliant_tag});
 
+  // CPU only (csrc/cpu/max_pool_act.cpp): a ResNet stem's BN-apply + ReLU + max-pool in one pass.
+  // output = max_pool2d(relu(input * scale[c] + shift[c]), kernel_size, stride, padding) (dilation 1,
+  // floor mode; ATen's choice among equal maxima, NaN propagating); argmax: uint8, per output element
+  // the window-local index (r * kW + s) of the element the max came from, 255 where its ReLU output is
+  // <= 0 (no gradient passes). Both in input's memory format.
+  m.def(
+      "bn_act_max_pool(Tensor input, Tensor scale, Tensor shift, int[2] kernel_size, int[2] stride, "
+      "int[2] padding) -> (Tensor output, Tensor argmax)",
+      {at::Tag::pt2_compliant_tag});
+
+  // The gradient of bn_act_max_pool's output w.r.t. the pre-activation z = input * scale + shift:
+  // grad_output routed to the argmax elements (summed where windows overlap), 0 elsewhere. `input`
+  // gives the shape, dtype and memory format of the result only.
+  m.def(
+      "max_pool_act_backward(Tensor grad_output, Tensor argmax, Tensor input, int[2] kernel_size, "
+      "int[2] stride, int[2] padding) -> Tensor",
+      {at::Tag::pt2_compliant_tag});
+
   // CPU only (csrc/cpu/winograd.cpp): act(conv3x3(input) + bias[c] + residual) with stride 1 and
   // padding 1 as a Winograd F(2x2, 3x3) convolution. input: channels_last [N, Ci, H, W] float32 or
   // float64; weight: the transformed weight U = G w G^T as [16*Co, Ci, 1, 1] (dense, or prepacked

@@ -63,6 +63,12 @@ class Backend:
     #: (``resfuse.ops.bn_act.bn_act_backward_apply_``): the fused backward then reuses gradient
     #: buffers it owns instead of allocating one per layer. None: the backward allocates.
     bn_act_backward_apply_ = None
+    #: optional ``bn_act_max_pool(y, scale, shift, kernel_size, stride, padding) -> (out, argmax)`` and
+    #: ``max_pool_act_backward(grad_out, argmax, y, kernel_size, stride, padding) -> dL/dz``
+    #: (``resfuse.ops.bn_act``): a chain ending in a max-pool (a ResNet stem) then runs as one node.
+    #: None: the max-pool runs after the chain, as the module it is.
+    bn_act_max_pool = None
+    max_pool_act_backward = None
 
     def available(self) -> Optional[str]:
         """``None`` if usable in this process, else the reason it is not."""

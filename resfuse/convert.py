@@ -152,10 +152,6 @@ def _overridden(cls: type, known: type) -> str | None:
     return None
 
 
-def _hooked(m: nn.Module) -> bool:
-    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
-
-
 def _is_projection(ds) -> bool:
     """Whether ``resfuse.nn.shortcut_of`` fuses ``ds`` as a projection (keep in step with it)."""
     return (isinstance(ds, nn.Sequential) and len(ds) == 2 and type(ds[0]) is nn.Conv2d
@@ -190,13 +186,13 @@ def _child_reason(name: str, role: str, child) -> str:
         return f"{name} is {kind}, not nn.ReLU"
     if role == "identity" and type(child) is not nn.Identity:
         return f"{name} is {kind} (only None or nn.Identity can be fused)"
-    if role in _ABSORBED_ROLES and _hooked(child):
+    if role in _ABSORBED_ROLES and RF.hooked(child):
         return f"{name} has hooks (the fused forward would skip them)"
     if role == "shortcut" and _is_projection(child):
         if type(child[1]) not in _BN_TYPES or _overridden(type(child), nn.Sequential):
             return (f"{name} is {type(child).__name__}(Conv2d, {type(child[1]).__name__}), which the fused "
                     "block would run as a plain projection")
-        if any(_hooked(x) for x in child.modules()):
+        if any(RF.hooked(x) for x in child.modules()):
             return f"{name} has hooks (the fused forward would skip them)"
     return ""
 
@@ -246,7 +242,7 @@ def _match_sequential(m: nn.Module) -> _Verdict:
             i += 1
             continue
         label = f"run {names[i]}-{names[i + n - 1]}"
-        if any(_hooked(x) for x in mods[i:i + n]):
+        if any(RF.hooked(x) for x in mods[i:i + n]):
             return _Verdict("left", FusedSequential, f"{label} has hooks (the fused forward would skip them)")
         why = _check_pairs([(label, mods[i], mods[i + 1])])
         notes += [why] if why else []

@@ -188,6 +188,8 @@ class CpuBackend(Backend):
         from .ops import bn_act
         self.prims = bn_act
         self.bn_act_backward_apply_ = bn_act.bn_act_backward_apply_
+        self.bn_act_max_pool = bn_act.bn_act_max_pool
+        self.max_pool_act_backward = bn_act.max_pool_act_backward
 
     def available(self) -> Optional[str]:
         if not _extension.LOADED:

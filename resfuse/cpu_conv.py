@@ -10,16 +10,18 @@ forward / 15.5 ms weight gradient through ATen and 6.8 / 6.0 ms as a GEMM. For 3
 Winograd F(2x2, 3x3) needs 16/36 of the multiply-adds (``csrc/cpu/winograd.cpp``): 4x256x14x14 with
 bias, residual and ReLU takes 5.9 ms against 9.2 ms for oneDNN's fused convolution. Which one wins
 depends on the shape, the batch, the thread count and the CPU, so nothing is hard-coded: the first
-call of each shape times every candidate (``min`` of two runs each, after one warm-up run) and the
-fastest is kept for the process, like ``torch.backends.cudnn.benchmark``. A candidate other than
-oneDNN must be 5 % faster to be chosen, so near-ties stay on oneDNN.
+call of each shape times every candidate (``min`` of three runs each, after one warm-up run) and the
+fastest is kept for the process, like ``torch.backends.cudnn.benchmark``. A candidate must be 5 %
+faster than the preferred one to be chosen, so near-ties stay on oneDNN — or, for a weight gradient,
+on the per-tap GEMM, which holds far less memory.
 
 The GEMM forms, for channels_last ``x [N, Ci, H, W]`` (an NHWC buffer) and a channels_last weight
 ``w [Co, Ci, kh, kw]`` (a ``[Co, kh*kw*Ci]`` matrix), with ``cols [N*Ho*Wo, kh*kw*Ci]`` the im2col
 gather of ``x`` (a *view* of ``x`` for a 1x1 stride-1 convolution, a copy otherwise):
 
 * forward:       ``y = cols @ w^T``            → ``[N*Ho*Wo, Co]`` = channels_last ``y``
-* weight grad:   ``gw = gy^T @ cols``          → ``[Co, kh*kw*Ci]`` = channels_last ``gw``
+* weight grad:   ``gw = gy^T @ cols``          → ``[Co, kh*kw*Ci]`` = channels_last ``gw``, computed
+  one kernel tap (one ``Ci``-column block of ``cols``) at a time, so ``cols`` is never built
 * input grad (1x1 only): ``gx = gy @ w`` (scattered into a zero tensor for stride > 1)
 
 Winograd (3x3, stride 1, padding 1, one group, float32 channels_last): forward, and the input gradient
@@ -32,8 +34,8 @@ pattern exactly.
 Results keep the layouts of their operands (channels_last in, channels_last out), so autograd never
 re-lays out a weight gradient. Accumulation is the GEMM's (fp32 for fp32/bf16/fp16, fp64 for fp64).
 
-Where no alternative applies (grouped convolution, NCHW activations or weights, an im2col buffer
-above :data:`MAX_COLS_BYTES`) or while ``torch.compile`` traces, ATen runs without a trial.
+Where no alternative applies (grouped convolution, NCHW activations or weights, a forward im2col
+buffer above :data:`MAX_COLS_BYTES`) or while ``torch.compile`` traces, ATen runs without a trial.
 ``RESFUSE_CPU_CONV=onednn|gemm|winograd|auto`` (read at import) or :func:`set_algo` force a choice
 (``gemm``/``winograd`` = wherever it applies; the tests run each). :func:`choices` lists what was
 picked.
@@ -53,10 +55,14 @@ from . import _extension
 from .backends import ConvGeom
 
 ALGOS = ("auto", "onednn", "gemm", "winograd")
-#: largest im2col buffer the GEMM path may allocate (bytes; it adds to a train step's peak memory):
+#: largest im2col buffer the GEMM forward may allocate (bytes; it adds to a train step's peak memory):
 #: the measured wins are all below 3 MiB (small maps), the losses above (28x28 maps, up to 14 MiB)
 MAX_COLS_BYTES = 8 << 20
-_MARGIN = 0.95  # an alternative is chosen only if it takes < 95 % of oneDNN's time
+_MARGIN = 0.95  # an alternative is chosen only if it takes < 95 % of the preferred one's time
+#: the candidate kept on a near-tie: oneDNN, except for weight gradients, where the per-tap GEMM holds
+#: far less memory (oneDNN's holds ~3 weight-sized buffers at once)
+_PREFERRED = {"weight_grad": "gemm"}
+_TRIALS = 3  # timed runs per candidate at a first call (after one warm-up run); the best counts
 
 
 def _env_algo() -> str:
@@ -134,11 +140,39 @@ def gemm_forward(x, w, geom: ConvGeom):
     return y.view(x.shape[0], ho, wo, w.shape[0]).permute(0, 3, 1, 2)
 
 
+def _tap_range(tap: int, geom: ConvGeom, dim: int, size: int, out_size: int):
+    """``(o0, o1, i0)``: the outputs ``[o0, o1)`` along ``dim`` whose input under kernel tap ``tap``
+    is inside the image, and that first input's index; None when there are none (all padding)."""
+    s, p, d = geom.stride[dim], geom.padding[dim], geom.dilation[dim]
+    lo = max(0, -(-(p - tap * d) // s))
+    hi = min(out_size, (size - 1 + p - tap * d) // s + 1)
+    return (lo, hi, lo * s - p + tap * d) if hi > lo else None
+
+
 def gemm_weight_grad(gy, x, w, geom: ConvGeom):
-    cols, _, _ = _cols(x, w, geom)
-    gw = _g_mat(gy).t() @ cols
+    """``gw = gy^T @ cols`` without materialising ``cols``: a 1x1 stride-1 unpadded convolution is one
+    GEMM on views; any other, one GEMM per kernel tap, ``gw[:, :, i, j] = gy[valid]^T @ x[shifted]``,
+    written into its slice of the channels_last ``gw`` — at most an ``x``- and a ``gy``-sized copy at
+    a time instead of the ``kh*kw``-times larger im2col buffer (less memory than oneDNN's weight
+    gradient too, which holds ~3 weight-sized buffers)."""
     co, ci, kh, kw = w.shape
-    return gw.view(co, kh, kw, ci).permute(0, 3, 1, 2)
+    if (kh, kw) == (1, 1) and geom.stride == (1, 1) and geom.padding == (0, 0):
+        return (_g_mat(gy).t() @ _cols(x, w, geom)[0]).view(co, 1, 1, ci).permute(0, 3, 1, 2)
+    gw = w.new_empty((co, kh, kw, ci))
+    xh, gh = x.permute(0, 2, 3, 1), gy.permute(0, 2, 3, 1)
+    (sh, sw) = geom.stride
+    for i in range(kh):
+        rows = _tap_range(i, geom, 0, x.shape[2], gy.shape[2])
+        for j in range(kw):
+            cols = _tap_range(j, geom, 1, x.shape[3], gy.shape[3])
+            if rows is None or cols is None:
+                gw[:, i, j, :] = 0
+                continue
+            (a0, a1, h0), (b0, b1, w0) = rows, cols
+            xs = xh[:, h0:h0 + (a1 - a0 - 1) * sh + 1:sh, w0:w0 + (b1 - b0 - 1) * sw + 1:sw, :]
+            gs = gh[:, a0:a1, b0:b1, :]
+            gw[:, i, j, :].addmm_(gs.reshape(-1, co).t(), xs.reshape(-1, ci), beta=0)
+    return gw.permute(0, 3, 1, 2)
 
 
 def gemm_input_grad(gy, x, w, geom: ConvGeom):
@@ -187,6 +221,8 @@ def _gemm_applies(op: str, x, w, geom: ConvGeom) -> bool:
         return False
     if op == "input_grad" and (w.shape[2:] != (1, 1) or geom.padding != (0, 0)):
         return False
+    if op == "weight_grad":  # per tap: no im2col buffer
+        return True
     ho, wo = _out_hw(x, w, geom)
     one_by_one_view = w.shape[2:] == (1, 1) and geom.stride == (1, 1) and geom.padding == (0, 0)
     cols_bytes = x.shape[0] * ho * wo * w.shape[1] * w.shape[2] * w.shape[3] * x.element_size()
@@ -202,8 +238,9 @@ def _timed(fn: Callable[[], torch.Tensor]):
 def pick(op: str, key: tuple, candidates: Dict[str, Callable[[], torch.Tensor]]):
     """Run ``op`` with the algorithm in force among ``candidates`` (``{"onednn": fn, ...}``, oneDNN
     always present): the forced one where it is a candidate, else — under ``auto`` — the fastest,
-    measured on the first call of each ``key`` (one warm-up run, then the best of two per candidate;
-    a candidate other than oneDNN must beat it by 5 %)."""
+    measured on the first call of each ``key`` (one warm-up run, then the best of three per
+    candidate, run round-robin; any other candidate must beat the preferred one — oneDNN, the per-tap
+    GEMM for weight gradients — by 5 %)."""
     if len(candidates) == 1 or _algo == "onednn":
         return candidates["onednn"]()
     if _algo != "auto":
@@ -215,9 +252,13 @@ def pick(op: str, key: tuple, candidates: Dict[str, Callable[[], torch.Tensor]])
     for fn in candidates.values():  # warm-up: primitive creation, weight packs, first touch
         fn()
     best, results = {}, {}
-    for name, fn in candidates.items():
-        best[name], results[name] = min((_timed(fn) for _ in range(2)), key=lambda tr: tr[0])
-    choice = min(best, key=lambda n: best[n] / (1.0 if n == "onednn" else _MARGIN))
+    for _ in range(_TRIALS):  # round-robin, so a disturbance hits every candidate alike
+        for name, fn in candidates.items():
+            t, r = _timed(fn)
+            if t < best.get(name, float("inf")):
+                best[name], results[name] = t, r
+    prefer = _PREFERRED.get(op, "onednn")
+    choice = min(best, key=lambda n: best[n] / (1.0 if n == prefer else _MARGIN))
     with _lock:
         _choices[key] = choice
     return results[choice]
@@ -301,17 +342,17 @@ def winograd_weight(w, transpose: bool = False):
 
 
 def winograd_chunk(x) -> int:
-    """Tiles per chunk of :func:`winograd_forward`, measured (fp32, 1 and 2 threads): all tiles up
-    to 256 (up to 1024 for 64 channels or fewer), else 256 (<= 64 channels) or 128 — so that a
-    chunk's transformed input and GEMM output stay in cache; oneDNN's grouped GEMM also slows down
-    on long inputs. 4x64x56x56 (3136 tiles), 1 thread: 5.7 ms at 256 per chunk, 9.2 at 512, 19.9 in
-    one chunk; 1x64x56x56 (784 tiles): 1.24 ms in one chunk, 1.54 at 256; 4x128x28x28: 5.4 ms at
-    128, 6.5 at 256."""
+    """Tiles per chunk of :func:`winograd_forward`: the tiles split into equal chunks of at most 128
+    (more than 64 channels, one thread) or 256 tiles, so that a chunk's transformed input and GEMM
+    output stay in cache, and no chunk is mostly padding (the last chunk's missing tiles are computed
+    as zeros). Measured (fp32, bias + ReLU, chunk targets 64-512 swept at 1 and 2 threads):
+    8x256x14x14 (392 tiles), 1 thread: 9.0 ms in 4 chunks of 98 against 11.8 ms in chunks of 128
+    (the last one 8/128 full); 1x64x56x56 (784 tiles): 1.26 ms in 4 of 196, 1.43 in one chunk;
+    2 threads prefer the larger chunks (8x128x28x28: 4.57 ms at 224, 5.04 at 121)."""
     n, c, h, w = x.shape
     tiles = n * ((h + 1) // 2) * ((w + 1) // 2)
-    if tiles <= 256 or (c <= 64 and tiles <= 1024):
-        return tiles
-    return 256 if c <= 64 else 128
+    target = 128 if c > 64 and torch.get_num_threads() == 1 else 256
+    return -(-tiles // -(-tiles // target))
 
 
 def _packed(x, u, chunk: int):

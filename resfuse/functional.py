@@ -48,6 +48,48 @@ def conv_bn_chain(x: torch.Tensor, layers: Sequence[Tuple[nn.Conv2d, nn.BatchNor
     layer's ``W_cat + I_partial``); gradients flow to them.
     Returns ``[N, C_out, H_out, W_out]`` in ``x``'s memory format.
     """
+    return _chain(x, layers, shortcut, relu, weights)
+
+
+def conv_bn_act_pool(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, pool: nn.Module) -> torch.Tensor:
+    """``pool(relu(bn(conv(x))))``: a ResNet stem.
+
+    ``pool`` is called as the module it is, except a plain ``nn.MaxPool2d`` (dilation 1, floor mode,
+    no indices, no hooks, at most 255 window elements) on the training path of a backend with a fused
+    ``bn_act_max_pool`` (``cpu``): BN-apply, ReLU and max-pool are then one pass inside the one
+    autograd node, which keeps the conv output and a uint8 window argmax for backward where eager
+    keeps the BN output, the ReLU output and int64 indices. Returns ``[N, C_out, H_pool, W_pool]``
+    in ``x``'s memory format.
+    """
+    geom = _pool_geom(pool)
+    if geom is None:
+        return pool(conv_bn_act(x, conv, bn))
+    return _chain(x, ((conv, bn),), None, True, None, (pool, geom))
+
+
+def _pool_geom(pool: nn.Module):
+    """``(kernel_size, stride, padding)`` pairs of a max-pool the fused stem can run, else None."""
+    if type(pool) is not nn.MaxPool2d or hooked(pool) or pool.ceil_mode or pool.return_indices:
+        return None
+    k, s, p, d = (nn.modules.utils._pair(v) for v in (pool.kernel_size, pool.stride or pool.kernel_size,
+                                                      pool.padding, pool.dilation))
+    if d != (1, 1) or k[0] * k[1] > 255:
+        return None
+    return k, s, p
+
+
+def hooked(m: nn.Module) -> bool:
+    """Whether ``m`` has hooks of its own (a fused forward that does not call ``m`` would skip them)."""
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
+
+
+def _pooled(h: torch.Tensor, pool) -> torch.Tensor:
+    return h if pool is None else pool[0](h)
+
+
+def _chain(x, layers, shortcut, relu, weights, pool=None):
+    """:func:`conv_bn_chain` with an optional ``pool = (max-pool module, geometry)`` after the final
+    ReLU (no shortcut)."""
     _check(x, layers, shortcut)
     if weights is not None:
         weights = tuple(weights)
@@ -60,17 +102,17 @@ def conv_bn_chain(x: torch.Tensor, layers: Sequence[Tuple[nn.Conv2d, nn.BatchNor
     why = _unfusable(layers, shortcut)
     be = backends.select("conv_bn_chain", x) if why is None else backends.instance("reference")[0]
     if be.name == "reference":
-        return _plain(x, layers, shortcut, relu, weights)
+        return _pooled(_plain(x, layers, shortcut, relu, weights), pool)
 
     dev = x.device.type
     if torch.is_autocast_enabled(dev):
         dt = torch.get_autocast_dtype(dev)
         with torch.autocast(dev, enabled=False):
-            return _dispatch(be, x.to(dt), layers, shortcut, relu, dt, weights)
-    return _dispatch(be, x, layers, shortcut, relu, None, weights)
+            return _dispatch(be, x.to(dt), layers, shortcut, relu, dt, weights, pool)
+    return _dispatch(be, x, layers, shortcut, relu, None, weights, pool)
 
 
-def _dispatch(be, x, layers, shortcut, relu, cast, weights=None):
+def _dispatch(be, x, layers, shortcut, relu, cast, weights=None, pool=None):
     override = {id(conv): w for (conv, _), w in zip(layers, weights)} if weights is not None else {}
 
     def w_of(conv):
@@ -86,7 +128,7 @@ def _dispatch(be, x, layers, shortcut, relu, cast, weights=None):
 
     batch_stats = [_uses_batch_stats(bn) for bn in all_bns]
     if not any(batch_stats) and not _needs_grad(x, layers, shortcut, weights):
-        return _inference(be, x, layers, shortcut, relu, cast, override)
+        return _pooled(_inference(be, x, layers, shortcut, relu, cast, override), pool)
 
     specs = tuple(_layer_spec(conv, bn) for conv, bn in layers)
     flat = []
@@ -106,13 +148,14 @@ def _dispatch(be, x, layers, shortcut, relu, cast, weights=None):
     else:
         kind, spec_s = "none", None
     sync, group = _sync_of(all_bns)
-    spec = ChainSpec(specs, kind, spec_s, on_x, bool(relu), sync, group)
+    fuse_pool = pool is not None and be.bn_act_max_pool is not None
+    spec = ChainSpec(specs, kind, spec_s, on_x, bool(relu), sync, group, pool[1] if fuse_pool else None)
     out, *stats = ConvBNChainFunction.apply(spec, be.name, x, *flat)
     with torch.no_grad():
         for j, bn in enumerate(all_bns):
             if batch_stats[j]:
                 _update_running(bn, stats[2 * j], stats[2 * j + 1])
-    return out
+    return out if fuse_pool else _pooled(out, pool)
 
 
 def _out_hw(h, w, conv):

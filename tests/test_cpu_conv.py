@@ -117,6 +117,25 @@ def test_winograd_nonfinite_input_is_not_masked():
     assert fin.sum() >= 4 * 64 - 4 * 16 and _rel(got[fin], want.relu()[fin]) < 2e-6
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("shape", [(1, 64, 56, 56), (8, 256, 14, 14), (4, 128, 28, 28), (1, 512, 7, 7),
+                                   (3, 5, 9, 7), (8, 64, 56, 56)], ids=lambda c: "x".join(map(str, c)))
+def test_winograd_chunks_are_balanced(shape, threads):
+    """Chunks of equal size, no larger than the target (128 or 256 tiles), none mostly padding."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        chunk = cpu_conv.winograd_chunk(torch.empty(shape))
+    finally:
+        torch.set_num_threads(prev)
+    n, c, h, w = shape
+    tiles = n * ((h + 1) // 2) * ((w + 1) // 2)
+    target = 128 if c > 64 and threads == 1 else 256
+    chunks = -(-tiles // chunk)
+    assert chunk <= max(target, 1) and chunks == -(-tiles // target)
+    assert chunks * chunk - tiles < chunks  # the padding is less than one tile per chunk
+
+
 def test_winograd_weight_is_cached_and_invalidated():
     """The inference path transforms a folded weight once and again only after it changes."""
     from resfuse import cpu_backend
@@ -151,7 +170,7 @@ def test_auto_measures_once_per_shape(algo, monkeypatch):
     g = ConvGeom((1, 1), (1, 1), (1, 1), 1)
     first = cpu_conv.backward(gy, x, w, g, False, True)[1]
     trials = calls["gemm"]
-    assert trials == 3  # one warm-up and two timed runs
+    assert trials == 1 + cpu_conv._TRIALS  # one warm-up, then the timed runs
     chosen = [v for k, v in cpu_conv.choices().items() if k[0] == "weight_grad"]
     assert chosen and chosen[0] in ("onednn", "gemm")
     for _ in range(3):

@@ -165,6 +165,56 @@ inline void check_bn_act_backward_apply_inplace_args(
   TORCH_CHECK(!(input && grad_input.is_alias_of(*input)), op, ": grad_input shares memory with input");
 }
 
+// A max-pool geometry of `input` (dilation 1, floor mode), as ATen's max_pool2d accepts it; the
+// window-local argmax index must fit in a uint8 below 255 (255 marks "no gradient").
+inline void check_pool_geometry(const char* op, const at::Tensor& input, at::IntArrayRef kernel_size,
+                                at::IntArrayRef stride, at::IntArrayRef padding) {
+  TORCH_CHECK(kernel_size.size() == 2 && stride.size() == 2 && padding.size() == 2, op,
+              ": kernel_size, stride and padding must have 2 elements each, got ", kernel_size, ", ", stride,
+              ", ", padding);
+  for (int d = 0; d < 2; ++d) {
+    TORCH_CHECK(kernel_size[d] > 0 && stride[d] > 0, op, ": kernel_size and stride must be positive, got ",
+                kernel_size, " and ", stride);
+    TORCH_CHECK(padding[d] >= 0 && 2 * padding[d] <= kernel_size[d], op,
+                ": padding must be between 0 and half the kernel size, got padding ", padding,
+                " for kernel_size ", kernel_size);
+    TORCH_CHECK(input.size(2 + d) + 2 * padding[d] >= kernel_size[d], op, ": kernel_size ", kernel_size,
+                " is larger than the padded input ", input.size(2), "x", input.size(3));
+  }
+  TORCH_CHECK(kernel_size[0] * kernel_size[1] <= 255, op, ": kernel_size ", kernel_size,
+              " has more than 255 elements");
+}
+
+inline void check_bn_act_max_pool_args(const at::Tensor& input, const at::Tensor& scale, const at::Tensor& shift,
+                                       at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                                       at::IntArrayRef padding) {
+  constexpr const char* op = "resfuse::bn_act_max_pool";
+  check_activation(op, "input", input);
+  check_channel_vector(op, "scale", scale, input);
+  check_channel_vector(op, "shift", shift, input);
+  check_pool_geometry(op, input, kernel_size, stride, padding);
+}
+
+inline void check_max_pool_act_backward_args(const at::Tensor& grad_output, const at::Tensor& argmax,
+                                             const at::Tensor& input, at::IntArrayRef kernel_size,
+                                             at::IntArrayRef stride, at::IntArrayRef padding) {
+  constexpr const char* op = "resfuse::max_pool_act_backward";
+  check_activation(op, "input", input);
+  check_pool_geometry(op, input, kernel_size, stride, padding);
+  const std::vector<int64_t> want{input.size(0), input.size(1),
+                                  (input.size(2) + 2 * padding[0] - kernel_size[0]) / stride[0] + 1,
+                                  (input.size(3) + 2 * padding[1] - kernel_size[1]) / stride[1] + 1};
+  TORCH_CHECK(grad_output.sizes() == at::IntArrayRef(want), op, ": grad_output must have the pooled shape ",
+              at::IntArrayRef(want), ", got ", grad_output.sizes());
+  check_same_dtype(op, "grad_output", grad_output, "input", input);
+  check_same_device(op, "grad_output", grad_output, "input", input);
+  TORCH_CHECK(argmax.sizes() == grad_output.sizes(), op, ": argmax must have the pooled shape ",
+              at::IntArrayRef(want), ", got ", argmax.sizes());
+  TORCH_CHECK(argmax.scalar_type() == at::kByte, op, ": argmax must be uint8 (from bn_act_max_pool), got ",
+              argmax.scalar_type());
+  check_same_device(op, "argmax", argmax, "input", input);
+}
+
 // Winograd F(2x2, 3x3) transforms (CPU): float32/float64 only.
 inline void check_winograd_dtype(const char* op, const char* name, const at::Tensor& t) {
   TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op, ": ", name,

@@ -79,6 +79,16 @@ struct VecIO {
     }
   }
 
+  // v rounded to scalar_t and back: the value a store and a load of it give (v for float/double).
+  static C10_ALWAYS_INLINE Pack round(const Pack& v) {
+    if constexpr (kReduced) {
+      auto [lo, hi] = at::vec::convert_to_float<scalar_t>(at::vec::convert_from_float<scalar_t>(v[0], v[1]));
+      return {lo, hi};
+    } else {
+      return v;
+    }
+  }
+
   // n <= kStep values of a per-channel acc_t vector, shaped like load(); lanes past n are zero.
   static C10_ALWAYS_INLINE Pack load_acc(const acc_t* p, int64_t n = kStep) {
     Pack v;

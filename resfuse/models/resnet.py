@@ -15,10 +15,11 @@ from ..reference import resnet as ref_resnet
 
 
 class ResNet(ref_resnet.ResNet):
-    """ImageNet ResNet (see ``resfuse.reference.ResNet``) whose stem conv-BN-ReLU is one fused unit."""
+    """ImageNet ResNet (see ``resfuse.reference.ResNet``) whose stem conv-BN-ReLU(-max-pool) is one
+    fused unit (:func:`resfuse.functional.conv_bn_act_pool`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.maxpool(RF.conv_bn_act(x, self.conv1, self.bn1))
+        x = RF.conv_bn_act_pool(x, self.conv1, self.bn1, self.maxpool)
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return self.fc(torch.flatten(self.avgpool(x), 1))
 

@@ -25,7 +25,8 @@ from torch._prims_common import suggest_memory_format
 
 from .. import _extension
 
-__all__ = ["bn_act", "bn_act_backward_apply", "bn_act_backward_apply_", "bn_act_backward_reduce", "bn_stats"]
+__all__ = ["bn_act", "bn_act_backward_apply", "bn_act_backward_apply_", "bn_act_backward_reduce", "bn_act_max_pool",
+           "bn_stats", "max_pool_act_backward"]
 
 
 def _op(name: str):
@@ -100,6 +101,28 @@ def bn_act_backward_apply_(grad_input: Tensor, grad_out: Tensor, output: Tensor,
     _op("bn_act_backward_apply_")(grad_input, grad_out, output, input, a, b, d, relu, accumulate)
 
 
+def bn_act_max_pool(input: Tensor, scale: Tensor, shift: Tensor, kernel_size, stride, padding) -> tuple[Tensor, Tensor]:
+    """A ResNet stem's BN-apply + ReLU + max-pool in one pass (CPU kernel).
+
+    ``output = max_pool2d(relu(input * scale[c] + shift[c]), kernel_size, stride, padding)``
+    (dilation 1, floor mode, ATen's choice among equal maxima, NaN propagating), ``[N, C, Ho, Wo]``;
+    ``argmax``: uint8 ``[N, C, Ho, Wo]``, per output element the window-local index ``r * kW + s``
+    (from the window's unpadded top-left corner) of the element the max came from, 255 where that
+    ReLU output is <= 0 — what :func:`max_pool_act_backward` needs, at 1/8 of ATen's int64 indices, and
+    the full-size activation is never written. Both in ``input``'s memory format; ``kernel_size``,
+    ``stride``, ``padding`` are pairs (``kH * kW <= 255``).
+    """
+    return _op("bn_act_max_pool")(input, scale, shift, list(kernel_size), list(stride), list(padding))
+
+
+def max_pool_act_backward(grad_output: Tensor, argmax: Tensor, input: Tensor, kernel_size, stride, padding) -> Tensor:
+    """``dL/dz`` of :func:`bn_act_max_pool` for ``z = input * scale + shift``: ``grad_output``
+    ``[N, C, Ho, Wo]`` routed to the argmax elements (summed where windows overlap, in float32 —
+    float64 for float64), 0 elsewhere. ``input`` only gives the result's shape, dtype and memory
+    format."""
+    return _op("max_pool_act_backward")(grad_output, argmax, input, list(kernel_size), list(stride), list(padding))
+
+
 # ---- fake kernels: output metadata only (shapes, dtypes, memory format), for torch.compile ----------
 
 def _like_input(input: Tensor) -> Tensor:
@@ -137,3 +160,19 @@ if _extension.LOADED:
     @torch.library.register_fake("resfuse::bn_act_backward_apply_")
     def _bn_act_backward_apply_inplace_fake(grad_input, grad_out, output, input, a, b, d, relu, accumulate):
         return None
+
+    def _pooled_shape(input, kernel_size, stride, padding):
+        n, c, h, w = input.shape
+        return (n, c, (h + 2 * padding[0] - kernel_size[0]) // stride[0] + 1,
+                (w + 2 * padding[1] - kernel_size[1]) // stride[1] + 1)
+
+    @torch.library.register_fake("resfuse::bn_act_max_pool")
+    def _bn_act_max_pool_fake(input, scale, shift, kernel_size, stride, padding):
+        shape = _pooled_shape(input, kernel_size, stride, padding)
+        fmt = suggest_memory_format(input)
+        return (input.new_empty(shape).contiguous(memory_format=fmt),
+                input.new_empty(shape, dtype=torch.uint8).contiguous(memory_format=fmt))
+
+    @torch.library.register_fake("resfuse::max_pool_act_backward")
+    def _max_pool_act_backward_fake(grad_output, argmax, input, kernel_size, stride, padding):
+        return _like_input(input)

@@ -1,4 +1,4 @@
-"""The four primitive ops of ``docs/architecture.md`` in plain PyTorch.
+"""The primitive ops of ``docs/architecture.md`` in plain PyTorch.
 
 This is the oracle the kernels are tested against and the portable fallback backend. Each function
 computes in float64 and returns what the kernels return: activations in the input's dtype and
@@ -107,3 +107,38 @@ def bn_act_backward_apply_(grad_input: Tensor, grad_out: Tensor, output: Tensor,
     if accumulate:
         value = value + grad_input.to(torch.float64)
     grad_input.copy_(value)
+
+
+# -- CPU-kernel ops with a portable composite (the non-CPU backends run these) -----------------------
+def _window_local(flat: Tensor, width: int, pooled: Tensor, kernel_size, stride, padding) -> Tensor:
+    """ATen's flat (h * W + w) max-pool indices as window-local ``r * kW + s`` indices."""
+    ho, wo = pooled.shape[2], pooled.shape[3]
+    top = (torch.arange(ho, device=flat.device) * stride[0] - padding[0]).view(1, 1, -1, 1)
+    left = (torch.arange(wo, device=flat.device) * stride[1] - padding[1]).view(1, 1, 1, -1)
+    return (flat // width - top) * kernel_size[1] + (flat % width - left)
+
+
+def bn_act_max_pool(input: Tensor, scale: Tensor, shift: Tensor, kernel_size, stride, padding) -> tuple[Tensor, Tensor]:
+    """``(max_pool2d(relu(input*scale[c] + shift[c])), argmax)``: ATen's max-pool on :func:`bn_act`'s
+    output; ``argmax`` the uint8 window-local index of each maximum, 255 where it is <= 0."""
+    out = bn_act(input, scale, shift, None, None, True)
+    pooled, flat = torch.nn.functional.max_pool2d(out, kernel_size, stride, padding, return_indices=True)
+    local = _window_local(flat, out.shape[3], pooled, kernel_size, stride, padding)
+    argmax = torch.where(pooled <= 0, torch.full_like(local, 255), local).to(torch.uint8)
+    fmt = suggest_memory_format(input)
+    return pooled.contiguous(memory_format=fmt), argmax.contiguous(memory_format=fmt)
+
+
+def max_pool_act_backward(grad_output: Tensor, argmax: Tensor, input: Tensor, kernel_size, stride, padding) -> Tensor:
+    """``grad_output`` summed into the argmax element of each window (0 where argmax is 255)."""
+    n, c, h, w = input.shape
+    ho, wo = grad_output.shape[2], grad_output.shape[3]
+    local = argmax.to(torch.int64)
+    top = (torch.arange(ho, device=input.device) * stride[0] - padding[0]).view(1, 1, -1, 1)
+    left = (torch.arange(wo, device=input.device) * stride[1] - padding[1]).view(1, 1, 1, -1)
+    flat = (top + local // kernel_size[1]) * w + left + local % kernel_size[1]
+    g = torch.where(argmax == 255, torch.zeros_like(grad_output, dtype=torch.float64), grad_output.to(torch.float64))
+    flat = torch.where(argmax == 255, torch.zeros_like(flat), flat)
+    grad = torch.zeros(n, c, h * w, dtype=torch.float64, device=input.device)
+    grad.scatter_add_(2, flat.reshape(n, c, -1), g.reshape(n, c, -1))
+    return _like(grad.view(n, c, h, w), input)
