@@ -527,8 +527,8 @@ def run_profile(args):
                 t = e.self_cpu_time_total / args.reps / 1e3
                 total += t
                 n = e.key
-                if "conv" in n.lower() or n in ("aten::mm", "aten::bmm"):
-                    c = "convolution fwd+bwd (oneDNN, GEMM, Winograd; + the fc's mm)"
+                if "conv" in n.lower() or n in ("aten::mm", "aten::bmm", "aten::addmm", "aten::addmm_"):
+                    c = "convolution fwd+bwd (oneDNN, GEMM, Winograd; + the fc's matmuls)"
                 elif n.startswith("resfuse::") or "batch_norm" in n or "native_batch_norm" in n:
                     c = "BN stats/apply/backward" if n.startswith("resfuse::") or "batch_norm" in n else n
                 elif n in ("aten::relu", "aten::relu_", "aten::threshold_backward", "aten::add", "aten::add_",

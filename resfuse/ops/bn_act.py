@@ -1,5 +1,6 @@
-"""The four primitive ops of ``docs/architecture.md`` as ``torch.ops.resfuse.*``: typed wrappers and
-the fake (meta) kernels that let ``torch.compile`` trace through them.
+"""The primitive ops of ``docs/architecture.md`` as ``torch.ops.resfuse.*``: typed wrappers and the
+fake (meta) kernels that let ``torch.compile`` trace through them — the four BN primitives, the
+in-place apply, and the CPU stem's ``bn_act_max_pool`` / ``max_pool_act_backward``.
 
 Conventions shared by every op:
 
