@@ -241,14 +241,10 @@ def pick(op: str, key: tuple, candidates: Dict[str, Callable[[], torch.Tensor]])
     measured on the first call of each ``key`` (one warm-up run, then the best of three per
     candidate, run round-robin; any other candidate must beat the preferred one — oneDNN, the per-tap
     GEMM for weight gradients — by 5 %)."""
-    if len(candidates) == 1 or _algo == "onednn":
-        return candidates["onednn"]()
-    if _algo != "auto":
-        return candidates.get(_algo, candidates["onednn"])()
-    key = (op, *key, torch.get_num_threads())
-    choice = _choices.get(key)
+    choice = _decided(op, key, candidates)
     if choice is not None:
         return candidates[choice]()
+    key = (op, *key, torch.get_num_threads())
     for fn in candidates.values():  # warm-up: primitive creation, weight packs, first touch
         fn()
     best, results = {}, {}
@@ -262,6 +258,15 @@ def pick(op: str, key: tuple, candidates: Dict[str, Callable[[], torch.Tensor]])
     with _lock:
         _choices[key] = choice
     return results[choice]
+
+
+def _decided(op: str, key: tuple, candidates) -> Optional[str]:
+    """The algorithm :func:`pick` runs for ``op`` here, or None while it is still to be measured."""
+    if len(candidates) == 1 or _algo == "onednn":
+        return "onednn"
+    if _algo != "auto":
+        return _algo if _algo in candidates else "onednn"
+    return _choices.get((op, *key, torch.get_num_threads()))
 
 
 def _key(x, w, geom: ConvGeom) -> tuple:
@@ -289,19 +294,20 @@ def forward(x, w, geom: ConvGeom):
 
 
 def backward(gy, x, w, geom: ConvGeom, need_input=True, need_weight=True):
-    """``(grad_input | None, grad_weight | None)`` of ``conv2d(x, w)``; each in its operand's layout."""
-    gx = gw = None
+    """``(grad_input | None, grad_weight | None)`` of ``conv2d(x, w)``; each in its operand's layout.
+    When oneDNN computes both, it does so in one ATen call (one primitive setup, one pass of
+    bookkeeping: ~3 % less than two calls for a 512-channel 3x3 layer on a 7x7 map)."""
     key = _key(x, w, geom)
+    ci = cw = None
     if need_input:
-        gx = pick("input_grad", key, _candidates(
-            "input_grad", x, w, geom, lambda: _aten_backward(gy, x, w, geom, True, False)[0],
-            lambda: gemm_input_grad(gy, x, w, geom),
-            lambda: _winograd_training(gy, w, True), gy))
+        ci = _candidates("input_grad", x, w, geom, lambda: _aten_backward(gy, x, w, geom, True, False)[0],
+                         lambda: gemm_input_grad(gy, x, w, geom), lambda: _winograd_training(gy, w, True), gy)
     if need_weight:
-        gw = pick("weight_grad", key, _candidates(
-            "weight_grad", x, w, geom, lambda: _aten_backward(gy, x, w, geom, False, True)[1],
-            lambda: gemm_weight_grad(gy, x, w, geom)))
-    return gx, gw
+        cw = _candidates("weight_grad", x, w, geom, lambda: _aten_backward(gy, x, w, geom, False, True)[1],
+                         lambda: gemm_weight_grad(gy, x, w, geom))
+    if ci and cw and _decided("input_grad", key, ci) == _decided("weight_grad", key, cw) == "onednn":
+        return _aten_backward(gy, x, w, geom, True, True)
+    return (pick("input_grad", key, ci) if ci else None), (pick("weight_grad", key, cw) if cw else None)
 
 
 # -- Winograd F(2x2, 3x3): 3x3, stride 1, padding 1 (csrc/cpu/winograd.cpp) ---------------------------

@@ -9,6 +9,7 @@ timm): a train step and an eval forward of the fused model against the unfused o
   tensors of a torchvision ResNet-50 at 2×3×64×64), so "fused ≈ plain float32" would test noise;
 * in float64 tightly, tensor by tensor (every output, gradient and buffer within 1e-9).
 """
+import contextlib
 import copy
 
 import pytest
@@ -16,7 +17,7 @@ import torch
 from torch import nn
 
 import resfuse
-from resfuse import backends, models, reference
+from resfuse import backends, cpu_conv, models, reference
 from resfuse import nn as fnn
 from resfuse.convert import FusedSequential
 from resfuse.testing import assert_close_ref, assert_error_ratio, randomize_bn
@@ -39,6 +40,23 @@ def _step(model, x, g):
     return out.detach(), xr.grad, grads, bufs, ev
 
 
+@contextlib.contextmanager
+def _onednn_convs():
+    """The CPU backend's convolutions pinned to oneDNN for the float32 run. Its measured per-shape
+    choice (oneDNN / GEMM / Winograd) depends on timing, and float32 gradients through ReLU are not
+    continuous in the rounding: one pre-activation a few ulp from 0 flips a mask (seen on
+    tv_resnet18, BN seed 0, 4x3x64x64: one of layer4.1's 16 values per channel, every upstream
+    gradient then 1e-2 off float64 where plain PyTorch's is 3e-6 — an outcome decided by rounding,
+    not by a defect). Pinned, the check is deterministic; the other algorithms are checked per op
+    and per block in test_cpu_conv.py."""
+    prev = cpu_conv.get_algo()
+    cpu_conv.set_algo("onednn")
+    try:
+        yield
+    finally:
+        cpu_conv.set_algo(prev)
+
+
 def check_fused_model(plain: nn.Module, x: torch.Tensor, *, fused32=None, float64=True) -> nn.Module:
     """Fuse a copy of ``plain`` and check a train step + eval forward against it (see module doc).
 
@@ -54,7 +72,8 @@ def check_fused_model(plain: nn.Module, x: torch.Tensor, *, fused32=None, float6
     out_shape = plain64.eval()(x64[:1]).shape[1:]
     g = torch.randn(x.shape[0], *out_shape, dtype=torch.float64).to(x.device)
     truth = _step(plain64, x64, g)
-    ours, theirs = _step(fused32, x, g), _step(plain, x, g)
+    with _onednn_convs():
+        ours, theirs = _step(fused32, x, g), _step(plain, x, g)
     assert ours[2].keys() == truth[2].keys()
     # float32: error-ratio rule against float64
     for i, what in ((0, "train output"), (4, "eval output"), (1, "input grad")):

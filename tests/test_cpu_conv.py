@@ -179,6 +179,27 @@ def test_auto_measures_once_per_shape(algo, monkeypatch):
     assert _rel(again, first) < 1e-5 and _rel(first, _aten_backward(gy, x, w, g)[1]) < 1e-5
 
 
+def test_onednn_input_and_weight_gradients_in_one_call(algo, monkeypatch):
+    """Both gradients on oneDNN: one ATen call computing both (same values as two calls)."""
+    algo("onednn")
+    calls = []
+    real = cpu_conv._aten_backward
+
+    def spy(gy, x, w, geom, need_input, need_weight):
+        calls.append((need_input, need_weight))
+        return real(gy, x, w, geom, need_input, need_weight)
+
+    monkeypatch.setattr(cpu_conv, "_aten_backward", spy)
+    x, w = _cl(2, 8, 6, 6, dtype=torch.float32), _cl(16, 8, 3, 3, dtype=torch.float32)
+    gy = _cl(2, 16, 6, 6, dtype=torch.float32)
+    g = ConvGeom((1, 1), (1, 1), (1, 1), 1)
+    gx, gw = cpu_conv.backward(gy, x, w, g, True, True)
+    assert calls == [(True, True)]
+    want_gx, want_gw = real(gy, x, w, g, True, True)
+    assert torch.equal(gx, want_gx) and torch.equal(gw, want_gw)
+    assert cpu_conv.backward(gy, x, w, g, False, True)[0] is None and calls[-1] == (False, True)
+
+
 @pytest.mark.parametrize("case", ["nchw", "groups", "float16"])
 def test_unsupported_cases_stay_on_onednn(algo, case):
     """NCHW or grouped: oneDNN without a trial; float16: no Winograd (its transforms would round)."""
