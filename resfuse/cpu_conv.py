@@ -63,6 +63,7 @@ _MARGIN = 0.95  # an alternative is chosen only if it takes < 95 % of the prefer
 #: far less memory (oneDNN's holds ~3 weight-sized buffers at once)
 _PREFERRED = {"weight_grad": "gemm"}
 _TRIALS = 3  # timed runs per candidate at a first call (after one warm-up run); the best counts
+_MIN_TAP_CHANNELS = 32  # input channels below which the per-tap weight gradient is not tried
 
 
 def _env_algo() -> str:
@@ -221,8 +222,9 @@ def _gemm_applies(op: str, x, w, geom: ConvGeom) -> bool:
         return False
     if op == "input_grad" and (w.shape[2:] != (1, 1) or geom.padding != (0, 0)):
         return False
-    if op == "weight_grad":  # per tap: no im2col buffer
-        return True
+    if op == "weight_grad":  # per tap: no im2col buffer; each tap's GEMM has K = Ci columns, so a
+        # few input channels make it hopeless (the 3-channel 7x7 stem: ~200 ms against oneDNN's 3 ms)
+        return w.shape[1] >= _MIN_TAP_CHANNELS or tuple(w.shape[2:]) == (1, 1)
     ho, wo = _out_hw(x, w, geom)
     one_by_one_view = w.shape[2:] == (1, 1) and geom.stride == (1, 1) and geom.padding == (0, 0)
     cols_bytes = x.shape[0] * ho * wo * w.shape[1] * w.shape[2] * w.shape[3] * x.element_size()

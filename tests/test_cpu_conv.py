@@ -21,8 +21,11 @@ WINO = ConvGeom((1, 1), (1, 1), (1, 1), 1)
 
 
 @pytest.fixture
-def algo():
-    """``algo(name)`` forces an algorithm for the test; the default comes back afterwards."""
+def algo(monkeypatch):
+    """``algo(name)`` forces an algorithm for the test; the default comes back afterwards. The
+    per-tap weight gradient is tried at any channel count here, so that the tests' small layers
+    reach it (its channel threshold is tested on its own)."""
+    monkeypatch.setattr(cpu_conv, "_MIN_TAP_CHANNELS", 1)
     yield cpu_conv.set_algo
     cpu_conv.set_algo(None)
 
@@ -177,6 +180,17 @@ def test_auto_measures_once_per_shape(algo, monkeypatch):
         again = cpu_conv.backward(gy, x, w, g, False, True)[1]
     assert calls["gemm"] == trials + (3 if chosen[0] == "gemm" else 0)
     assert _rel(again, first) < 1e-5 and _rel(first, _aten_backward(gy, x, w, g)[1]) < 1e-5
+
+
+def test_per_tap_weight_gradient_needs_input_channels():
+    """Few input channels (a 3-channel stem) make every tap's GEMM tiny: not tried (oneDNN runs)."""
+    g = ConvGeom((2, 2), (3, 3), (1, 1), 1)
+    x3, w3 = _cl(2, 3, 16, 16, dtype=torch.float32), _cl(8, 3, 7, 7, dtype=torch.float32)
+    x64, w64 = _cl(2, 64, 8, 8, dtype=torch.float32), _cl(8, 64, 3, 3, dtype=torch.float32)
+    assert not cpu_conv._gemm_applies("weight_grad", x3, w3, g)
+    assert cpu_conv._gemm_applies("weight_grad", x64, w64, g)
+    one = ConvGeom((1, 1), (0, 0), (1, 1), 1)
+    assert cpu_conv._gemm_applies("weight_grad", x3, _cl(8, 3, 1, 1, dtype=torch.float32), one)
 
 
 def test_onednn_input_and_weight_gradients_in_one_call(algo, monkeypatch):
