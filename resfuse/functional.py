@@ -57,9 +57,9 @@ def conv_bn_act_pool(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, pool:
     ``pool`` is called as the module it is, except a plain ``nn.MaxPool2d`` (dilation 1, floor mode,
     no indices, no hooks, at most 255 window elements) on the training path of a backend with a fused
     ``bn_act_max_pool`` (``cpu``): BN-apply, ReLU and max-pool are then one pass inside the one
-    autograd node, which keeps the conv output and a uint8 window argmax for backward where eager
-    keeps the BN output, the ReLU output and int64 indices. Returns ``[N, C_out, H_pool, W_pool]``
-    in ``x``'s memory format.
+    autograd node, which keeps only ``x`` and a uint8 window argmax for backward and recomputes the
+    conv output there, where eager keeps the conv output, the ReLU output and int64 indices. Returns
+    ``[N, C_out, H_pool, W_pool]`` in ``x``'s memory format.
     """
     geom = _pool_geom(pool)
     if geom is None:
