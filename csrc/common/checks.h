@@ -165,6 +165,11 @@ inline void check_bn_act_backward_apply_inplace_args(
   TORCH_CHECK(!(input && grad_input.is_alias_of(*input)), op, ": grad_input shares memory with input");
 }
 
+// Output size of a max-pool (dilation 1, floor mode) along one dimension of `size` elements.
+inline int64_t pooled_size(int64_t size, int64_t kernel, int64_t stride, int64_t padding) {
+  return (size + 2 * padding - kernel) / stride + 1;
+}
+
 // A max-pool geometry of `input` (dilation 1, floor mode), as ATen's max_pool2d accepts it; the
 // window-local argmax index must fit in a uint8 below 255 (255 marks "no gradient").
 inline void check_pool_geometry(const char* op, const at::Tensor& input, at::IntArrayRef kernel_size,
@@ -202,8 +207,8 @@ inline void check_max_pool_act_backward_args(const at::Tensor& grad_output, cons
   check_activation(op, "input", input);
   check_pool_geometry(op, input, kernel_size, stride, padding);
   const std::vector<int64_t> want{input.size(0), input.size(1),
-                                  (input.size(2) + 2 * padding[0] - kernel_size[0]) / stride[0] + 1,
-                                  (input.size(3) + 2 * padding[1] - kernel_size[1]) / stride[1] + 1};
+                                  pooled_size(input.size(2), kernel_size[0], stride[0], padding[0]),
+                                  pooled_size(input.size(3), kernel_size[1], stride[1], padding[1])};
   TORCH_CHECK(grad_output.sizes() == at::IntArrayRef(want), op, ": grad_output must have the pooled shape ",
               at::IntArrayRef(want), ", got ", grad_output.sizes());
   check_same_dtype(op, "grad_output", grad_output, "input", input);

@@ -38,8 +38,14 @@ struct PoolGeom {
 
 PoolGeom pool_geom(const at::Tensor& input, at::IntArrayRef k, at::IntArrayRef s, at::IntArrayRef p) {
   const int64_t H = input.size(2), W = input.size(3);
-  return {input.size(0), input.size(1), H, W, (H + 2 * p[0] - k[0]) / s[0] + 1,
-          (W + 2 * p[1] - k[1]) / s[1] + 1, k[0], k[1], s[0], s[1], p[0], p[1]};
+  return {input.size(0), input.size(1), H, W, pooled_size(H, k[0], s[0], p[0]), pooled_size(W, k[1], s[1], p[1]),
+          k[0], k[1], s[0], s[1], p[0], p[1]};
+}
+
+// Window-local index r * kW + s of input position (h, w) in output window (i, j), counted from the
+// window's unclipped top-left corner (what argmax stores).
+inline int64_t local_index(const PoolGeom& g, int64_t h, int64_t w, int64_t i, int64_t j) {
+  return (h - (i * g.sh - g.ph)) * g.kw + (w - (j * g.sw - g.pw));
 }
 
 // ---- forward -------------------------------------------------------------------------------------
@@ -206,7 +212,7 @@ void backward_nhwc(const scalar_t* gy, const uint8_t* idx, scalar_t* gx, const P
       std::fill(acc.begin(), acc.end(), acc_t(0));
       for (int64_t i = i0; i < i1; ++i) {
         for (int64_t j = j0; j < j1; ++j) {
-          const uint8_t local = static_cast<uint8_t>((h - (i * g.sh - g.ph)) * g.kw + (w - (j * g.sw - g.pw)));
+          const uint8_t local = static_cast<uint8_t>(local_index(g, h, w, i, j));
           const int64_t o = ((n * g.Ho + i) * g.Wo + j) * g.C;
           const uint8_t* __restrict ip = idx + o;
           const scalar_t* __restrict gp = gy + o;
@@ -237,8 +243,7 @@ void backward_nchw(const scalar_t* gy, const uint8_t* idx, scalar_t* gx, const P
         acc_t a = 0;
         for (int64_t i = i0; i < i1; ++i) {
           for (int64_t j = j0; j < j1; ++j) {
-            const int64_t local = (h - (i * g.sh - g.ph)) * g.kw + (w - (j * g.sw - g.pw));
-            if (ip[i * g.Wo + j] == local) a += static_cast<acc_t>(gp[i * g.Wo + j]);
+            if (ip[i * g.Wo + j] == local_index(g, h, w, i, j)) a += static_cast<acc_t>(gp[i * g.Wo + j]);
           }
         }
         gx[(p * g.H + h) * g.W + w] = static_cast<scalar_t>(a);

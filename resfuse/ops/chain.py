@@ -177,9 +177,9 @@ class ConvBNChainFunction(torch.autograd.Function):
         saved = list(ctx.saved_tensors)
         x, out = saved[0], saved[1]
         ys = saved[2:2 + k]
-        if _recomputes(spec):
-            ys[0] = be.conv(x, saved[2 + k], spec.layers[0].geom)
         weights = saved[2 + k:2 + 2 * k]
+        if _recomputes(spec):
+            ys[0] = be.conv(x, weights[0], spec.layers[0].geom)
         gammas = saved[2 + 2 * k:2 + 3 * k]
         pos = 2 + 3 * k
         norms = []

@@ -110,11 +110,18 @@ def bn_act_backward_apply_(grad_input: Tensor, grad_out: Tensor, output: Tensor,
 
 
 # -- CPU-kernel ops with a portable composite (the non-CPU backends run these) -----------------------
+def _window_origins(pooled: Tensor, stride, padding) -> tuple[Tensor, Tensor]:
+    """``(top, left)``: the unclipped top row and left column of each max-pool window of ``pooled``
+    ``[N, C, Ho, Wo]``, shaped to broadcast over it."""
+    ho, wo = pooled.shape[2], pooled.shape[3]
+    top = (torch.arange(ho, device=pooled.device) * stride[0] - padding[0]).view(1, 1, -1, 1)
+    left = (torch.arange(wo, device=pooled.device) * stride[1] - padding[1]).view(1, 1, 1, -1)
+    return top, left
+
+
 def _window_local(flat: Tensor, width: int, pooled: Tensor, kernel_size, stride, padding) -> Tensor:
     """ATen's flat (h * W + w) max-pool indices as window-local ``r * kW + s`` indices."""
-    ho, wo = pooled.shape[2], pooled.shape[3]
-    top = (torch.arange(ho, device=flat.device) * stride[0] - padding[0]).view(1, 1, -1, 1)
-    left = (torch.arange(wo, device=flat.device) * stride[1] - padding[1]).view(1, 1, 1, -1)
+    top, left = _window_origins(pooled, stride, padding)
     return (flat // width - top) * kernel_size[1] + (flat % width - left)
 
 
@@ -132,10 +139,8 @@ def bn_act_max_pool(input: Tensor, scale: Tensor, shift: Tensor, kernel_size, st
 def max_pool_act_backward(grad_output: Tensor, argmax: Tensor, input: Tensor, kernel_size, stride, padding) -> Tensor:
     """``grad_output`` summed into the argmax element of each window (0 where argmax is 255)."""
     n, c, h, w = input.shape
-    ho, wo = grad_output.shape[2], grad_output.shape[3]
     local = argmax.to(torch.int64)
-    top = (torch.arange(ho, device=input.device) * stride[0] - padding[0]).view(1, 1, -1, 1)
-    left = (torch.arange(wo, device=input.device) * stride[1] - padding[1]).view(1, 1, 1, -1)
+    top, left = _window_origins(grad_output, stride, padding)
     flat = (top + local // kernel_size[1]) * w + left + local % kernel_size[1]
     g = torch.where(argmax == 255, torch.zeros_like(grad_output, dtype=torch.float64), grad_output.to(torch.float64))
     flat = torch.where(argmax == 255, torch.zeros_like(flat), flat)
