@@ -39,7 +39,11 @@ allocator caching); after warm-up steps the kernel's RSS high-water mark is rese
 (``/proc/self/clear_refs`` ← 5) and the peak of one more step is read from ``VmHWM``. Reported: that
 peak minus the RSS before the step (parameters, gradients of the previous step are set to None). This
 counts everything the step allocates — autograd's saved tensors, gradients, oneDNN scratchpads,
-temporaries inside kernels — which a tensor-level tracker would miss.
+temporaries inside kernels — which a tensor-level tracker would miss. A block's input and output
+gradient are given in the provider's own layout (channels_last for ``eager_cl`` and ``resfuse``), as
+inside a network, where the layout is chosen once at the model's input: the copies a block would make
+converting NCHW tensors at its own boundary are not part of its memory there (they are part of the
+block timings, which take NCHW tensors for every provider).
 """
 from __future__ import annotations
 
@@ -422,6 +426,8 @@ def measure_peak(kind, name, provider):
         with torch.no_grad():
             g = torch.randn(blk.eval()(x).shape)
         step = train_providers(blk, [provider], block=True)[provider]
+        if provider in ("eager_cl", "resfuse"):  # in a network the activations arrive in this layout
+            x, g = x.contiguous(memory_format=CL), g.contiguous(memory_format=CL)
         args = (x, g)
     for _ in range(2):
         step(*args)

@@ -78,6 +78,14 @@ TORCH_LIBRARY(resfuse, m) {
       "int[2] stride, int[2] padding) -> Tensor",
       {at::Tag::pt2_compliant_tag});
 
+  // CPU only (csrc/cpu/conv_weight_grad.cpp): the weight gradient [Co, Ci, kH, kW] (channels_last)
+  // of conv2d(input, weight, stride, padding, dilation, groups=1) for grad_output, one GEMM per kernel
+  // tap, taps in parallel. input [N, Ci, H, W] and grad_output [N, Co, Ho, Wo], one float dtype.
+  m.def(
+      "conv_weight_grad(Tensor grad_output, Tensor input, int[2] kernel_size, int[2] stride, "
+      "int[2] padding, int[2] dilation) -> Tensor",
+      {at::Tag::pt2_compliant_tag});
+
   // CPU only (csrc/cpu/winograd.cpp): act(conv3x3(input) + bias[c] + residual) with stride 1 and
   // padding 1 as a Winograd F(2x2, 3x3) convolution. input: channels_last [N, Ci, H, W] float32 or
   // float64; weight: the transformed weight U = G w G^T as [16*Co, Ci, 1, 1] (dense, or prepacked

@@ -141,39 +141,18 @@ def gemm_forward(x, w, geom: ConvGeom):
     return y.view(x.shape[0], ho, wo, w.shape[0]).permute(0, 3, 1, 2)
 
 
-def _tap_range(tap: int, geom: ConvGeom, dim: int, size: int, out_size: int):
-    """``(o0, o1, i0)``: the outputs ``[o0, o1)`` along ``dim`` whose input under kernel tap ``tap``
-    is inside the image, and that first input's index; None when there are none (all padding)."""
-    s, p, d = geom.stride[dim], geom.padding[dim], geom.dilation[dim]
-    lo = max(0, -(-(p - tap * d) // s))
-    hi = min(out_size, (size - 1 + p - tap * d) // s + 1)
-    return (lo, hi, lo * s - p + tap * d) if hi > lo else None
-
-
 def gemm_weight_grad(gy, x, w, geom: ConvGeom):
     """``gw = gy^T @ cols`` without materialising ``cols``: a 1x1 stride-1 unpadded convolution is one
-    GEMM on views; any other, one GEMM per kernel tap, ``gw[:, :, i, j] = gy[valid]^T @ x[shifted]``,
-    written into its slice of the channels_last ``gw`` — at most an ``x``- and a ``gy``-sized copy at
-    a time instead of the ``kh*kw``-times larger im2col buffer (less memory than oneDNN's weight
+    GEMM on views; any other is ``resfuse::conv_weight_grad`` (csrc/cpu/conv_weight_grad.cpp): one
+    GEMM per kernel tap, ``gw[:, :, i, j] = gy[valid]^T @ x[shifted]``, the taps in parallel, written
+    into their slices of the channels_last ``gw`` — at most an ``x``- and a ``gy``-sized copy per
+    thread instead of the ``kh*kw``-times larger im2col buffer (less memory than oneDNN's weight
     gradient too, which holds ~3 weight-sized buffers)."""
     co, ci, kh, kw = w.shape
     if (kh, kw) == (1, 1) and geom.stride == (1, 1) and geom.padding == (0, 0):
         return (_g_mat(gy).t() @ _cols(x, w, geom)[0]).view(co, 1, 1, ci).permute(0, 3, 1, 2)
-    gw = w.new_empty((co, kh, kw, ci))
-    xh, gh = x.permute(0, 2, 3, 1), gy.permute(0, 2, 3, 1)
-    (sh, sw) = geom.stride
-    for i in range(kh):
-        rows = _tap_range(i, geom, 0, x.shape[2], gy.shape[2])
-        for j in range(kw):
-            cols = _tap_range(j, geom, 1, x.shape[3], gy.shape[3])
-            if rows is None or cols is None:
-                gw[:, i, j, :] = 0
-                continue
-            (a0, a1, h0), (b0, b1, w0) = rows, cols
-            xs = xh[:, h0:h0 + (a1 - a0 - 1) * sh + 1:sh, w0:w0 + (b1 - b0 - 1) * sw + 1:sw, :]
-            gs = gh[:, a0:a1, b0:b1, :]
-            gw[:, i, j, :].addmm_(gs.reshape(-1, co).t(), xs.reshape(-1, ci), beta=0)
-    return gw.permute(0, 3, 1, 2)
+    return torch.ops.resfuse.conv_weight_grad(gy, x, [kh, kw], list(geom.stride), list(geom.padding),
+                                              list(geom.dilation))
 
 
 def gemm_input_grad(gy, x, w, geom: ConvGeom):
@@ -224,7 +203,9 @@ def _gemm_applies(op: str, x, w, geom: ConvGeom) -> bool:
         return False
     if op == "weight_grad":  # per tap: no im2col buffer; each tap's GEMM has K = Ci columns, so a
         # few input channels make it hopeless (the 3-channel 7x7 stem: ~200 ms against oneDNN's 3 ms)
-        return w.shape[1] >= _MIN_TAP_CHANNELS or tuple(w.shape[2:]) == (1, 1)
+        if tuple(w.shape[2:]) == (1, 1) and geom.stride == (1, 1) and geom.padding == (0, 0):
+            return True  # one GEMM on views
+        return _extension.LOADED and w.shape[1] >= _MIN_TAP_CHANNELS
     ho, wo = _out_hw(x, w, geom)
     one_by_one_view = w.shape[2:] == (1, 1) and geom.stride == (1, 1) and geom.padding == (0, 0)
     cols_bytes = x.shape[0] * ho * wo * w.shape[1] * w.shape[2] * w.shape[3] * x.element_size()
@@ -389,6 +370,11 @@ def _winograd_training(x, w, transpose: bool):
 
 
 if _extension.LOADED:
+    @torch.library.register_fake("resfuse::conv_weight_grad")
+    def _conv_weight_grad_fake(grad_output, input, kernel_size, stride, padding, dilation):
+        shape = (grad_output.shape[1], input.shape[1], *kernel_size)
+        return input.new_empty(shape).contiguous(memory_format=torch.channels_last)
+
     @torch.library.register_fake("resfuse::winograd_conv")
     def _winograd_conv_fake(input, weight, bias, residual, relu, chunk):
         n, _, h, w = input.shape

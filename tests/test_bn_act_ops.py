@@ -165,14 +165,15 @@ def test_bn_act_backward_apply(shape, dtype, channels_last, relu, mode):
 
 # --------------------------------------------------------------------------------- backward_apply_
 
-@pytest.mark.parametrize("form", ["inplace", "accumulate", "accumulate_no_input", "fresh"])
+@pytest.mark.parametrize("form", ["inplace", "into_input", "accumulate", "accumulate_no_input", "fresh"])
 @pytest.mark.parametrize("relu", [True, False], ids=["relu", "linear"])
 @pytest.mark.parametrize("channels_last", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES + BIG_SHAPES[:1], ids=str)
 def test_bn_act_backward_apply_inplace(shape, dtype, channels_last, relu, form):
-    """``grad_input (+)= a*dz [+ b*input] + d`` in place: into grad_out itself, accumulated into
-    another gradient (with and without the input term), or into a poisoned fresh buffer."""
+    """``grad_input (+)= a*dz [+ b*input] + d`` in place: into grad_out itself, into input itself,
+    accumulated into another gradient (with and without the input term), or into a poisoned fresh
+    buffer."""
     g, out, x, _, _, _ = _backward_case(shape, dtype, channels_last, relu, False)
     C = shape[1]
     a, b, d = _vec(C, dtype), _vec(C, dtype), _vec(C, dtype)
@@ -181,6 +182,9 @@ def test_bn_act_backward_apply_inplace(shape, dtype, channels_last, relu, form):
     if form == "inplace":
         target = g.clone()
         grad_out = target
+    elif form == "into_input":
+        target = inp = x.clone()
+        grad_out = g
     else:
         target = rand_activation(shape, dtype, channels_last) if accumulate else poisoned(x)
         grad_out = g
@@ -347,8 +351,9 @@ def _bad_cases():
         ("inplace strided target", lambda: ops.bn_act_backward_apply_(g[:, ::2], x[:, ::2], x[:, ::2], None,
                                                                       v[:3], v[:3], v[:3], True, False),
          r"bn_act_backward_apply_: grad_input must be dense NCHW or channels_last"),
-        ("inplace aliases input", lambda: ops.bn_act_backward_apply_(g, x, x, g, v, v, v, False, False),
-         r"grad_input shares memory with input"),
+        ("inplace overlaps input", lambda: ops.bn_act_backward_apply_(g[:, :4], x[:, :4], x[:, :4], g[:, 1:], v[:4],
+                                                                      v[:4], v[:4], False, False),
+         r"grad_input must be dense|shares memory with input without being the same tensor"),
     ]
 
 

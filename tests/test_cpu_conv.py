@@ -362,3 +362,71 @@ def test_explain_reports_the_choices(algo):
     cpu_conv.forward(x, w, WINO)
     report = resfuse.explain()
     assert "cpu convolutions: auto (RESFUSE_CPU_CONV); measured choices for 1 shapes:" in report
+
+
+# -- resfuse::conv_weight_grad (csrc/cpu/conv_weight_grad.cpp) ---------------------------------------------
+WGRAD_GEOMS = [  # (N, Ci, Co, H, W, (kh, kw), stride, padding, dilation)
+    (2, 5, 7, 9, 7, (3, 3), (2, 1), (1, 0), (1, 1)), (1, 3, 70, 7, 9, (7, 5), (2, 2), (3, 2), (1, 1)),
+    (2, 8, 6, 9, 9, (3, 3), (1, 1), (2, 2), (2, 2)), (3, 16, 65, 5, 5, (1, 1), (2, 2), (0, 0), (1, 1)),
+    (1, 17, 3, 1, 1, (3, 3), (1, 1), (1, 1), (1, 1)), (2, 4, 96, 6, 6, (3, 3), (3, 3), (4, 4), (1, 1)),
+]
+
+
+@pytest.mark.skipif(not _extension.LOADED, reason="resfuse._C not built")
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("channels_last", [True, False])
+@pytest.mark.parametrize("geom", WGRAD_GEOMS, ids=lambda c: "x".join(map(str, c)))
+def test_conv_weight_grad_matches_float64(geom, channels_last, dtype, threads):
+    """Against ATen's float64 weight gradient: odd sizes, asymmetric strides and paddings, taps that
+    only see padding (zero slices), more output channels than one split (co ranges), NCHW operands
+    (copied once), 1 and 2 threads."""
+    n, ci, co, h, w_, k, s, p, d = geom
+    fmt = CL if channels_last else torch.contiguous_format
+    x = torch.randn(n, ci, h, w_, dtype=torch.float64).contiguous(memory_format=fmt)
+    w = torch.randn(co, ci, *k, dtype=torch.float64)
+    y = F.conv2d(x, w, None, s, p, d)
+    gy = torch.randn(y.shape, dtype=torch.float64).contiguous(memory_format=fmt)
+    want = torch.ops.aten.convolution_backward(gy, x, w, None, list(s), list(p), list(d), False, [0, 0], 1,
+                                               [False, True, False])[1]
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = torch.ops.resfuse.conv_weight_grad(gy.to(dtype), x.to(dtype), list(k), list(s), list(p), list(d))
+    finally:
+        torch.set_num_threads(old)
+    assert got.dtype == dtype and got.shape == want.shape and got.is_contiguous(memory_format=CL)
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    assert _rel(got, want) < tol
+
+
+@pytest.mark.skipif(not _extension.LOADED, reason="resfuse._C not built")
+def test_opcheck_conv_weight_grad():
+    for dtype, fmt in [(torch.float32, CL), (torch.float64, torch.contiguous_format), (torch.bfloat16, CL)]:
+        x = torch.randn(2, 5, 7, 6, dtype=dtype).contiguous(memory_format=fmt)
+        gy = torch.randn(2, 4, 4, 6, dtype=dtype).contiguous(memory_format=fmt)
+        torch.library.opcheck(torch.ops.resfuse.conv_weight_grad.default, (gy, x, [3, 3], [2, 1], [1, 1], [1, 1]))
+
+
+def _bad_wgrad():
+    x, gy = _cl(2, 5, 7, 6, dtype=torch.float32), _cl(2, 4, 4, 6, dtype=torch.float32)
+    op = torch.ops.resfuse.conv_weight_grad
+    geo = ([3, 3], [2, 1], [1, 1], [1, 1])
+    return [
+        ("rank", lambda: op(gy, x[0], *geo), r"resfuse::conv_weight_grad: input must be a 4-D"),
+        ("int dtype", lambda: op(gy, x.long(), *geo), r"input must be float32, float64, bfloat16 or float16"),
+        ("dtype mismatch", lambda: op(gy.double(), x, *geo), r"grad_output must have the dtype of input"),
+        ("grad_output shape", lambda: op(gy[:, :, :3], x, *geo),
+         r"grad_output must have shape \[2, Co, 4, 6\] for input \[2, 5, 7, 6\], got \[2, 4, 3, 6\]"),
+        ("kernel too large", lambda: op(gy, x, [11, 3], [1, 1], [1, 1], [1, 1]), r"is larger than the padded input"),
+        ("stride", lambda: op(gy, x, [3, 3], [0, 1], [1, 1], [1, 1]), r"stride and dilation must be positive"),
+        ("pairs", lambda: op(gy, x, [3, 3, 3], [2, 1], [1, 1], [1, 1]), r"must have 2 elements each"),
+    ]
+
+
+@pytest.mark.skipif(not _extension.LOADED, reason="resfuse._C not built")
+@pytest.mark.parametrize("case", range(7), ids=[c[0] for c in _bad_wgrad()])
+def test_conv_weight_grad_bad_input(case):
+    _, call, message = _bad_wgrad()[case]
+    with pytest.raises(RuntimeError, match=message):
+        call()

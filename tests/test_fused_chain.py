@@ -14,6 +14,7 @@ from torch import nn
 import resfuse
 from resfuse import backends
 from resfuse import functional as RF
+from resfuse.ops import chain
 from resfuse.testing import assert_close_ref, assert_error_ratio, rand_activation, tolerance
 
 
@@ -165,12 +166,20 @@ def _out_shape(layers, x):
 BACKENDS = _backends()
 
 
+@pytest.fixture(params=["save", "recompute"])
+def recompute(request, monkeypatch):
+    """Run a test with every conv output saved, then with the last conv's (and the projection's)
+    recomputed in backward — whatever ``chain._cheap`` would pick for the shape."""
+    monkeypatch.setattr(chain, "RECOMPUTE_MACS_PER_BYTE", 0 if request.param == "save" else 10 ** 9)
+    return request.param
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("train", [True, False])
 @pytest.mark.parametrize("kind", ["basic", "bottleneck", "single"])
-def test_chain_blocks(backend, dtype, channels_last, train, kind):
+def test_chain_blocks(backend, dtype, channels_last, train, kind, recompute):
     if kind == "basic":
         layers = make_layers([5, 5, 5], [3, 3], [1, 1], dtype=dtype)
         shortcut = "identity"
@@ -187,7 +196,7 @@ def test_chain_blocks(backend, dtype, channels_last, train, kind):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shortcut", ["projection", "tensor", "none"])
 @pytest.mark.parametrize("train", [True, False])
-def test_chain_shortcuts_stride2(backend, shortcut, train):
+def test_chain_shortcuts_stride2(backend, shortcut, train, recompute):
     layers = make_layers([4, 6, 6], [3, 3], [2, 1])
     x = rand_activation((3, 4, 9, 9))
     check_case(backend, layers, x, shortcut, train=train)
@@ -278,3 +287,47 @@ def test_gradcheck_float64():
 
     inputs = (x, *[p.detach().clone().requires_grad_() for p in params])
     assert torch.autograd.gradcheck(g, inputs, eps=1e-6, atol=1e-6, rtol=1e-4, fast_mode=True)
+
+
+def _saved_during(fn):
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = fn()
+    return out, saved
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cheap_outputs_recomputed_not_saved(backend):
+    """A Bottleneck with a projection whose 1x1 convs read few channels (resnet50's first stages):
+    the node saves neither the expansion conv's output nor the projection's, and its gradients equal
+    (bit for bit on ``cpu``: the recompute runs the forward's algorithm) those of a node that saves
+    them; a 3x3 last conv over 64 channels is saved."""
+    torch.manual_seed(0)
+    layers = make_layers([16, 8, 8, 32], [1, 3, 1], [1, 2, 1])
+    proj = make_layers([16, 32], [1], [2])[0]
+    x = rand_activation((2, 16, 9, 9), torch.float32, True)
+    results = {}
+    for mode in ("rule", "save"):
+        mods = [(copy.deepcopy(c), copy.deepcopy(b)) for c, b in layers + [proj]]
+        xi = x.detach().clone().requires_grad_()
+        limit = chain.RECOMPUTE_MACS_PER_BYTE if mode == "rule" else 0
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(chain, "RECOMPUTE_MACS_PER_BYTE", limit)
+            out, saved = _saved_during(lambda: run_fused(backend, xi, mods[:3], (xi, *mods[3]), True))
+            out.backward(torch.ones_like(out))
+        big = [t for t in saved if t.dim() == 4 and t.shape[1] == 32 and t.shape[2] > 1]
+        results[mode] = (big, [xi.grad] + [p.grad for c, b in mods for p in (c.weight, b.weight, b.bias)])
+    big_rule, grads_rule = results["rule"]
+    big_save, grads_save = results["save"]
+    # saved at 32 channels: `out` only with the rule; out, y_2 and y_s without it
+    assert len(big_rule) == 1 and len(big_save) == 3, ([t.shape for t in big_rule], [t.shape for t in big_save])
+    for a, b in zip(grads_rule, grads_save):
+        if backend == "cpu":
+            assert torch.equal(a, b)
+        else:
+            torch.testing.assert_close(a, b)
+
+    wide = make_layers([64, 64, 64], [3, 3], [1, 1])
+    x = rand_activation((2, 64, 5, 5), torch.float32, True).requires_grad_()
+    out, saved = _saved_during(lambda: run_fused(backend, x, wide, x, True))
+    assert sum(t.dim() == 4 and t.shape == out.shape and t.data_ptr() != x.data_ptr() for t in saved) == 3

@@ -162,7 +162,33 @@ inline void check_bn_act_backward_apply_inplace_args(
   TORCH_CHECK(same || !grad_input.is_alias_of(grad_out), op,
               ": grad_input shares memory with grad_out without being the same tensor");
   TORCH_CHECK(!(relu && grad_input.is_alias_of(output)), op, ": grad_input shares memory with output");
-  TORCH_CHECK(!(input && grad_input.is_alias_of(*input)), op, ": grad_input shares memory with input");
+  TORCH_CHECK(!(input && !grad_input.is_same(*input) && grad_input.is_alias_of(*input)), op,
+              ": grad_input shares memory with input without being the same tensor");
+}
+
+// conv_weight_grad: the geometry, and grad_output of the convolution's output shape.
+inline void check_conv_weight_grad_args(const at::Tensor& grad_output, const at::Tensor& input,
+                                        at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                                        at::IntArrayRef padding, at::IntArrayRef dilation) {
+  constexpr const char* op = "resfuse::conv_weight_grad";
+  check_activation(op, "input", input);
+  check_activation(op, "grad_output", grad_output);
+  check_same_device(op, "grad_output", grad_output, "input", input);
+  check_same_dtype(op, "grad_output", grad_output, "input", input);
+  TORCH_CHECK(kernel_size.size() == 2 && stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, op,
+              ": kernel_size, stride, padding and dilation must have 2 elements each");
+  int64_t out[2];
+  for (int d = 0; d < 2; ++d) {
+    TORCH_CHECK(kernel_size[d] > 0 && stride[d] > 0 && dilation[d] > 0 && padding[d] >= 0, op,
+                ": kernel_size, stride and dilation must be positive and padding non-negative, got ", kernel_size,
+                ", ", stride, ", ", dilation, ", ", padding);
+    out[d] = (input.size(2 + d) + 2 * padding[d] - dilation[d] * (kernel_size[d] - 1) - 1) / stride[d] + 1;
+    TORCH_CHECK(out[d] > 0, op, ": kernel_size ", kernel_size, " (dilation ", dilation,
+                ") is larger than the padded input ", input.sizes());
+  }
+  TORCH_CHECK(grad_output.size(0) == input.size(0) && grad_output.size(2) == out[0] && grad_output.size(3) == out[1],
+              op, ": grad_output must have shape [", input.size(0), ", Co, ", out[0], ", ", out[1],
+              "] for input ", input.sizes(), ", got ", grad_output.sizes());
 }
 
 // Output size of a max-pool (dilation 1, floor mode) along one dimension of `size` elements.

@@ -277,7 +277,7 @@ struct Coefs {
 
 // grad_input (and grad_residual) for the k <= kStep elements at offset i. kInput: the b * input
 // term is present; kAcc: grad_input's old value is added (the in-place op). Every element is read
-// before it is written, so grad_input may be grad_out itself.
+// before it is written, so grad_input may be grad_out or input itself.
 template <typename scalar_t, bool kRelu, ResidualGrad kRg, bool kInput, bool kAcc>
 C10_ALWAYS_INLINE void apply_step(const ApplyParams<scalar_t>& p, int64_t i, int64_t k,
                                   const Coefs<scalar_t>& w) {

@@ -11,6 +11,14 @@ ConvBNAct is a chain of 1, BasicBlock of 2, Bottleneck of 3. The node saves ``x`
 elementwise pass) instead of keeping it: eager PyTorch keeps ``y_i`` (for BN) and ``a_i`` (for the
 next conv) — so the chain holds one activation less per inner layer.
 
+Where a conv output is cheap to recompute per byte it would hold (``_cheap``: a 1x1 conv reading at
+most 128 fp32 channels — a Bottleneck's expansion conv and projection in a network's first stages),
+the node does not save the last conv's output ``y_k`` (resp. the projection's ``y_s``) either and
+recomputes it in backward from ``a_{k-1}`` (which backward rebuilds anyway for the weight gradient)
+resp. ``x_s``: the early stages' activations are what a train step holds when backward reaches its
+peak (the late stages' weight gradients exist by then), and these convs are the network's cheapest
+per output element.
+
 A ResNet stem (conv → BN → ReLU → max-pool) is a chain of 1 with ``spec.pool``: the backend's
 ``bn_act_max_pool`` pools while it applies BN and ReLU, and the node saves the pool's uint8 window
 argmax instead of ``out`` and recomputes the conv output in backward (see ``_recomputes``) — where
@@ -56,6 +64,11 @@ class ChainSpec(NamedTuple):
 
 # tensors per BN layer in the flat argument list: conv weight, gamma, beta, running_mean, running_var
 _PER_LAYER = 5
+
+# a conv output is recomputed in backward instead of saved when that costs at most this many
+# multiply-adds per byte it frees (``_cheap``): 32 = a 1x1 conv over <= 128 fp32 input channels (64
+# bf16); a 3x3 conv over 64 fp32 channels would be 144
+RECOMPUTE_MACS_PER_BYTE = 32
 
 
 def _stat_dtype(t: torch.Tensor) -> torch.dtype:
@@ -157,13 +170,16 @@ class ConvBNChainFunction(torch.autograd.Function):
         ctx.counts = [n[4] for n in norms]
         weights = [flat[_PER_LAYER * i] for i in range(k)]
         gammas = [flat[_PER_LAYER * i + 1] for i in range(k)]
-        if _recomputes(spec):  # the stem's conv output is rebuilt in backward from its small input
-            ys = [None]
+        # conv outputs rebuilt in backward instead of saved (see the module docstring)
+        ctx.recompute = (_recomputes(spec) or _cheap(weights[-1], spec.layers[-1].geom, ys[-1]),
+                         spec.shortcut == "projection" and _cheap(ws, spec.shortcut_layer.geom, ys_s))
+        if ctx.recompute[0]:
+            ys[-1] = None
         saved = [x, keep, *ys, *weights, *gammas]
         for n in norms:
             saved += n[:4]  # mean, invstd, scale, shift
         if spec.shortcut == "projection":
-            saved += [xs, ws, gs, ys_s, norm_s[0], norm_s[1]]
+            saved += [xs, ws, gs, None if ctx.recompute[1] else ys_s, norm_s[0], norm_s[1]]
             ctx.counts.append(norm_s[4])
         ctx.save_for_backward(*saved)
         ctx.mark_non_differentiable(*stats_out)
@@ -178,14 +194,16 @@ class ConvBNChainFunction(torch.autograd.Function):
         x, out = saved[0], saved[1]
         ys = saved[2:2 + k]
         weights = saved[2 + k:2 + 2 * k]
-        if _recomputes(spec):
-            ys[0] = be.conv(x, weights[0], spec.layers[0].geom)
         gammas = saved[2 + 2 * k:2 + 3 * k]
         pos = 2 + 3 * k
         norms = []
         for i in range(k):
             norms.append((*saved[pos:pos + 4], ctx.counts[i]))
             pos += 4
+        inp_last = None  # the last conv's input a_{k-1}, when rebuilt early for the recompute
+        if ctx.recompute[0]:
+            inp_last = x if k == 1 else be.prologue_input((ys[k - 2], *norms[k - 2][2:4], True))
+            ys[-1] = be.conv(inp_last, weights[-1], spec.layers[-1].geom)
         n_flat = len(ctx.needs_input_grad) - 3
         grads = [None] * n_flat
         # reuse gradient buffers this backward owns (no new tensor per layer) where the backend can
@@ -203,6 +221,8 @@ class ConvBNChainFunction(torch.autograd.Function):
         if proj:
             xs, ws, gamma_s, ys_s, mean_s, invstd_s = saved[pos:pos + 6]
             count_s = ctx.counts[k]
+            if ctx.recompute[1]:
+                ys_s = be.conv(xs, ws, Ls.geom)
         sum_dz, sum_dz_xmu, sum_dz_rmu = be.bn_act_backward_reduce(
             grad_out, out, ys[-1], mean, ys_s if proj else None, mean_s if proj else None, relu)
         a, b, d, gg, gb = _coefficients(sum_dz, sum_dz_xmu, mean, invstd, gammas[-1], count,
@@ -216,8 +236,14 @@ class ConvBNChainFunction(torch.autograd.Function):
             need_xs = ctx.needs_input_grad[2] if spec.proj_on_x else ctx.needs_input_grad[3 + res_idx]
             need_ws = ctx.needs_input_grad[3 + res_idx + 1]
             need_res = need_xs or need_ws
-            gy, g_res = be.bn_act_backward_apply(grad_out, out, ys[-1], a, b, d, ys_s, ra, rb, rd,
-                                                 relu, need_res)
+            if apply_ is not None and (ctx.recompute[0] or ctx.recompute[1]):
+                # one in-place pass per gradient, over the recomputed conv output it belongs to
+                gy = _apply_into(apply_, ys[-1], ctx.recompute[0], grad_out, out, a, b, d, relu)
+                g_res = _apply_into(apply_, ys_s, ctx.recompute[1], grad_out, out, ra, rb, rd, relu) \
+                    if need_res else None
+            else:
+                gy, g_res = be.bn_act_backward_apply(grad_out, out, ys[-1], a, b, d, ys_s, ra, rb, rd,
+                                                     relu, need_res)
             if gg_s is not None:
                 grads[res_idx + 2] = gg_s.to(gamma_s.dtype)
                 grads[res_idx + 3] = gb_s.to(gamma_s.dtype)
@@ -244,6 +270,8 @@ class ConvBNChainFunction(torch.autograd.Function):
             if spec.pool is not None and apply_ is not None:  # grad_out is ours: becomes dL/dy in place
                 apply_(grad_out, grad_out, out, ys[-1], a, b, d, False, False)
                 gy, g_res = grad_out, None
+            elif ctx.recompute[0] and apply_ is not None and (identity_late or not need_res):
+                gy, g_res = _apply_into(apply_, ys[-1], True, grad_out, out, a, b, d, relu), None
             else:
                 gy, g_res = be.bn_act_backward_apply(grad_out, out, ys[-1], a, b, d, None, None, None, None,
                                                      relu, need_res and not identity_late)
@@ -251,6 +279,7 @@ class ConvBNChainFunction(torch.autograd.Function):
                 grads[res_idx] = g_res
             elif need_res and not identity_late:
                 grad_identity = g_res
+        ys[-1] = ys_s = None  # (frees them when recomputed)
 
         # -- conv_i backward, then the fused dReLU + dBN of layer i-1 -------------------------------
         grad_x = None
@@ -259,7 +288,9 @@ class ConvBNChainFunction(torch.autograd.Function):
             need_w = ctx.needs_input_grad[3 + _PER_LAYER * i]
             if i > 0:
                 pm, pinv, pscale, pshift, pcount = norms[i - 1]
-                inp = be.prologue_input((ys[i - 1], pscale, pshift, True))
+                inp = inp_last if i == k - 1 and inp_last is not None else \
+                    be.prologue_input((ys[i - 1], pscale, pshift, True))
+                inp_last = None
                 g_inp, gw = be.conv_backward(gy, inp, weights[i], L.geom, True, need_w)
                 s1, s2, _ = be.bn_act_backward_reduce(g_inp, inp, ys[i - 1], pm, None, None, True)
                 a, b, d, gg, gb = _coefficients(s1, s2, pm, pinv, gammas[i - 1], pcount,
@@ -296,6 +327,21 @@ def _recomputes(spec: ChainSpec) -> bool:
     largest activation. resnet18, batch 8, 112x112: 6.4 MiB less held through the whole backward for
     a ~4.5 ms forward conv (1 thread)."""
     return spec.pool is not None and len(spec.layers) == 1
+
+
+def _apply_into(apply_, y, owned: bool, grad_out, out, a, b, d, relu: bool):
+    """``a[c] * dz + b[c] * y + d[c]`` written over ``y`` when the node owns it (a recomputed conv
+    output), else into a new buffer."""
+    dst = y if owned else torch.empty_like(y)
+    apply_(dst, grad_out, out, y, a, b, d, relu, False)
+    return dst
+
+
+def _cheap(w: torch.Tensor, geom: ConvGeom, y: torch.Tensor) -> bool:
+    """Whether recomputing ``y = conv(., w)`` in backward costs at most ``RECOMPUTE_MACS_PER_BYTE``
+    multiply-adds per byte of ``y`` not saved."""
+    macs = w.shape[1] * w.shape[2] * w.shape[3]  # per output element (w.shape[1] = C_in / groups)
+    return macs <= RECOMPUTE_MACS_PER_BYTE * y.element_size()
 
 
 def _stats_out(L: LayerSpec, mean, var, count, like):
