@@ -5,7 +5,9 @@ unit in the test dtype on every backend that can run on CPU, and the same module
 float64) through plain PyTorch; outputs, every gradient, running stats and num_batches_tracked must
 agree within the dtype's tolerance.
 """
+import contextlib
 import copy
+import weakref
 
 import pytest
 import torch
@@ -331,3 +333,73 @@ def test_cheap_outputs_recomputed_not_saved(backend):
     x = rand_activation((2, 64, 5, 5), torch.float32, True).requires_grad_()
     out, saved = _saved_during(lambda: run_fused(backend, x, wide, x, True))
     assert sum(t.dim() == 4 and t.shape == out.shape and t.data_ptr() != x.data_ptr() for t in saved) == 3
+
+
+def _bottleneck_case(dtype=torch.float64):
+    torch.manual_seed(1)
+    layers = make_layers([6, 4, 4, 12], [1, 3, 1], [1, 2, 1], dtype=dtype)
+    proj = make_layers([6, 12], [1], [2], dtype=dtype)[0]
+    x = rand_activation((2, 6, 9, 9), dtype, True)
+    return layers, proj, x
+
+
+def _grads_of(backend, layers, proj, x, hooks=False, twice=False):
+    mods = [(copy.deepcopy(c), copy.deepcopy(b)) for c, b in layers + [proj]]
+    xi = x.detach().clone().requires_grad_()
+    ctx = torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t) if hooks else contextlib.nullcontext()
+    with ctx:
+        out = run_fused(backend, xi, mods[:3], (xi, *mods[3]), True)
+    g = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(2))
+    out.backward(g, retain_graph=twice)
+    first = [xi.grad.clone()] + [p.grad.clone() for c, b in mods for p in (c.weight, b.weight, b.bias)]
+    if twice:  # the retained graph still has every conv output
+        out.backward(g)
+        second = [xi.grad] + [p.grad for c, b in mods for p in (c.weight, b.weight, b.bias)]
+        for a, b in zip(first, second):
+            torch.testing.assert_close(b, 2 * a)
+    return first
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("recompute", ["save", "recompute"], indirect=True)
+def test_held_outputs_hooks_and_retained_graph(backend, recompute):
+    """Without saved-tensor hooks the node keeps its conv outputs on ctx and frees them during
+    backward; under hooks (which must see them) it saves them; a retained graph keeps them for a
+    second backward. All three give the same gradients."""
+    layers, proj, x = _bottleneck_case()
+    plain = _grads_of(backend, layers, proj, x)
+    for kw in (dict(hooks=True), dict(twice=True), dict(hooks=True, twice=True)):
+        for a, b in zip(_grads_of(backend, layers, proj, x, **kw), plain):
+            assert torch.equal(a, b), kw
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="needs the cpu backend")
+def test_conv_outputs_freed_during_backward(monkeypatch):
+    """Each held conv output is freed once its layer's backward is done: when the second conv's
+    gradients are computed only the first conv's output is alive, at the first conv's none."""
+    layers, proj, x = _bottleneck_case(torch.float32)
+    monkeypatch.setattr(chain, "RECOMPUTE_MACS_PER_BYTE", 0)  # every output held, none recomputed
+    be = backends.instance("cpu")[0]
+    outputs, alive = [], {}
+    conv_stats, conv_backward = type(be).conv_stats, type(be).conv_backward
+
+    def record(self, *args, **kwargs):
+        y, mean, var = conv_stats(self, *args, **kwargs)
+        outputs.append(weakref.ref(y))
+        return y, mean, var
+
+    def check(self, gy, x_, w, geom, *args):
+        for i in (0, 1):
+            if w.shape == layers[i][0].weight.shape:
+                alive[i] = [r() is not None for r in outputs]
+        return conv_backward(self, gy, x_, w, geom, *args)
+
+    monkeypatch.setattr(type(be), "conv_stats", record)
+    monkeypatch.setattr(type(be), "conv_backward", check)
+    mods = [(copy.deepcopy(c), copy.deepcopy(b)) for c, b in layers + [proj]]
+    xi = x.detach().clone().requires_grad_()
+    with resfuse.use_backend("cpu"):
+        out = RF.conv_bn_chain(xi, mods[:3], (xi, *mods[3]), True)
+    assert len(outputs) == 4 and all(r() is not None for r in outputs)  # y_0, y_1, y_2, y_s
+    out.sum().backward()
+    assert alive == {1: [True, False, False, False], 0: [False] * 4}, alive

@@ -175,11 +175,18 @@ class ConvBNChainFunction(torch.autograd.Function):
                          spec.shortcut == "projection" and _cheap(ws, spec.shortcut_layer.geom, ys_s))
         if ctx.recompute[0]:
             ys[-1] = None
+        if ctx.recompute[1]:
+            ys_s = None
+        # the conv outputs, which nothing outside the node sees, stay on ctx where that is safe, so
+        # that backward frees each once used (``_may_hold``); else they are saved like the rest
+        ctx.held = (ys, ys_s) if _may_hold() else None
+        if ctx.held is not None:
+            ys, ys_s = [None] * k, None
         saved = [x, keep, *ys, *weights, *gammas]
         for n in norms:
             saved += n[:4]  # mean, invstd, scale, shift
         if spec.shortcut == "projection":
-            saved += [xs, ws, gs, None if ctx.recompute[1] else ys_s, norm_s[0], norm_s[1]]
+            saved += [xs, ws, gs, ys_s, norm_s[0], norm_s[1]]
             ctx.counts.append(norm_s[4])
         ctx.save_for_backward(*saved)
         ctx.mark_non_differentiable(*stats_out)
@@ -200,6 +207,11 @@ class ConvBNChainFunction(torch.autograd.Function):
         for i in range(k):
             norms.append((*saved[pos:pos + 4], ctx.counts[i]))
             pos += 4
+        held_s = None
+        if ctx.held is not None:
+            ys, held_s = list(ctx.held[0]), ctx.held[1]
+            if not _keep_graph():
+                ctx.held = None  # this backward's now: each conv output is dropped once used
         inp_last = None  # the last conv's input a_{k-1}, when rebuilt early for the recompute
         if ctx.recompute[0]:
             inp_last = x if k == 1 else be.prologue_input((ys[k - 2], *norms[k - 2][2:4], True))
@@ -223,6 +235,8 @@ class ConvBNChainFunction(torch.autograd.Function):
             count_s = ctx.counts[k]
             if ctx.recompute[1]:
                 ys_s = be.conv(xs, ws, Ls.geom)
+            elif held_s is not None:
+                ys_s = held_s
         sum_dz, sum_dz_xmu, sum_dz_rmu = be.bn_act_backward_reduce(
             grad_out, out, ys[-1], mean, ys_s if proj else None, mean_s if proj else None, relu)
         a, b, d, gg, gb = _coefficients(sum_dz, sum_dz_xmu, mean, invstd, gammas[-1], count,
@@ -279,7 +293,7 @@ class ConvBNChainFunction(torch.autograd.Function):
                 grads[res_idx] = g_res
             elif need_res and not identity_late:
                 grad_identity = g_res
-        ys[-1] = ys_s = None  # (frees them when recomputed)
+        ys[-1] = ys_s = held_s = None  # (frees them when recomputed or held)
 
         # -- conv_i backward, then the fused dReLU + dBN of layer i-1 -------------------------------
         grad_x = None
@@ -303,6 +317,7 @@ class ConvBNChainFunction(torch.autograd.Function):
                     gy_prev, _ = be.bn_act_backward_apply(g_inp, inp, ys[i - 1], a, b, d, None, None, None,
                                                           None, True, False)
                 del inp, g_inp
+                ys[i - 1] = None
             else:
                 g_inp, gw = be.conv_backward(gy, x, weights[0], L.geom, ctx.needs_input_grad[2], need_w)
                 del gy
@@ -327,6 +342,23 @@ def _recomputes(spec: ChainSpec) -> bool:
     largest activation. resnet18, batch 8, 112x112: 6.4 MiB less held through the whole backward for
     a ~4.5 ms forward conv (1 thread)."""
     return spec.pool is not None and len(spec.layers) == 1
+
+
+def _may_hold() -> bool:
+    """Whether a node may keep its conv outputs on ``ctx`` (freed one by one in backward) instead of
+    saving them: not while torch.compile traces, nor under saved-tensor hooks
+    (``torch.autograd.graph.saved_tensors_hooks``, ``save_on_cpu``, activation checkpointing), which
+    must see every tensor kept for backward; and only where torch tells a backward whether its graph
+    is retained (``_keep_graph``)."""
+    hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return (hooks is not None and hasattr(torch._C._autograd, "_get_current_graph_task_keep_graph")
+            and not torch.compiler.is_compiling() and hooks(False) is None)
+
+
+def _keep_graph() -> bool:
+    """Whether the running backward retains the graph (``retain_graph=True``): then a held conv
+    output must outlive it."""
+    return torch._C._autograd._get_current_graph_task_keep_graph()
 
 
 def _apply_into(apply_, y, owned: bool, grad_out, out, a, b, d, relu: bool):
