@@ -300,7 +300,7 @@ def _saved_during(fn):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_cheap_outputs_recomputed_not_saved(backend):
-    """A Bottleneck with a projection whose 1x1 convs read few channels (resnet50's first stages):
+    """A Bottleneck with a projection whose 1x1 convs read few channels (resnet50's first stage):
     the node saves neither the expansion conv's output nor the projection's, and its gradients equal
     (bit for bit on ``cpu``: the recompute runs the forward's algorithm) those of a node that saves
     them; a 3x3 last conv over 64 channels is saved."""

@@ -12,7 +12,7 @@ elementwise pass) instead of keeping it: eager PyTorch keeps ``y_i`` (for BN) an
 next conv) — so the chain holds one activation less per inner layer.
 
 Where a conv output is cheap to recompute per byte it would hold (``_cheap``: a 1x1 conv reading at
-most 128 fp32 channels — a Bottleneck's expansion conv and projection in a network's first stages),
+most 64 fp32 channels — a Bottleneck's expansion conv and projection in a network's first stage),
 the node does not save the last conv's output ``y_k`` (resp. the projection's ``y_s``) either and
 recomputes it in backward from ``a_{k-1}`` (which backward rebuilds anyway for the weight gradient)
 resp. ``x_s``: the early stages' activations are what a train step holds when backward reaches its
@@ -65,10 +65,12 @@ class ChainSpec(NamedTuple):
 # tensors per BN layer in the flat argument list: conv weight, gamma, beta, running_mean, running_var
 _PER_LAYER = 5
 
-# a conv output is recomputed in backward instead of saved when that costs at most this many
-# multiply-adds per byte it frees (``_cheap``): 32 = a 1x1 conv over <= 128 fp32 input channels (64
-# bf16); a 3x3 conv over 64 fp32 channels would be 144
-RECOMPUTE_MACS_PER_BYTE = 32
+# a conv output is recomputed in backward instead of kept when that costs at most this many
+# multiply-adds per byte it frees (``_cheap``; 0: never): 16 = a 1x1 conv over <= 64 fp32 input
+# channels (32 bf16), resnet50's first-stage expansion conv and projection; a 3x3 conv over 64 fp32
+# channels would be 144. resnet50, batch 8, 112x112, 2 threads: peak 193 -> 169 MiB (eager: 230) for
+# 1.6 % more train-step time at 1 thread (32, which adds the second stage: 157 MiB for 2.7 %)
+RECOMPUTE_MACS_PER_BYTE = 16
 
 
 def _stat_dtype(t: torch.Tensor) -> torch.dtype:
