@@ -209,11 +209,12 @@ class ConvBNChainFunction(torch.autograd.Function):
         for i in range(k):
             norms.append((*saved[pos:pos + 4], ctx.counts[i]))
             pos += 4
-        held_s = None
+        held_s, owned = None, ctx.recompute  # owned: y_k / y_s may be overwritten by their gradients
         if ctx.held is not None:
             ys, held_s = list(ctx.held[0]), ctx.held[1]
             if not _keep_graph():
                 ctx.held = None  # this backward's now: each conv output is dropped once used
+                owned = (True, True)
         inp_last = None  # the last conv's input a_{k-1}, when rebuilt early for the recompute
         if ctx.recompute[0]:
             inp_last = x if k == 1 else be.prologue_input((ys[k - 2], *norms[k - 2][2:4], True))
@@ -252,10 +253,10 @@ class ConvBNChainFunction(torch.autograd.Function):
             need_xs = ctx.needs_input_grad[2] if spec.proj_on_x else ctx.needs_input_grad[3 + res_idx]
             need_ws = ctx.needs_input_grad[3 + res_idx + 1]
             need_res = need_xs or need_ws
-            if apply_ is not None and (ctx.recompute[0] or ctx.recompute[1]):
-                # one in-place pass per gradient, over the recomputed conv output it belongs to
-                gy = _apply_into(apply_, ys[-1], ctx.recompute[0], grad_out, out, a, b, d, relu)
-                g_res = _apply_into(apply_, ys_s, ctx.recompute[1], grad_out, out, ra, rb, rd, relu) \
+            if apply_ is not None and (owned[0] or owned[1]):
+                # one in-place pass per gradient, over the conv output it belongs to where that is ours
+                gy = _apply_into(apply_, ys[-1], owned[0], grad_out, out, a, b, d, relu)
+                g_res = _apply_into(apply_, ys_s, owned[1], grad_out, out, ra, rb, rd, relu) \
                     if need_res else None
             else:
                 gy, g_res = be.bn_act_backward_apply(grad_out, out, ys[-1], a, b, d, ys_s, ra, rb, rd,
@@ -286,7 +287,7 @@ class ConvBNChainFunction(torch.autograd.Function):
             if spec.pool is not None and apply_ is not None:  # grad_out is ours: becomes dL/dy in place
                 apply_(grad_out, grad_out, out, ys[-1], a, b, d, False, False)
                 gy, g_res = grad_out, None
-            elif ctx.recompute[0] and apply_ is not None and (identity_late or not need_res):
+            elif owned[0] and apply_ is not None and (identity_late or not need_res):
                 gy, g_res = _apply_into(apply_, ys[-1], True, grad_out, out, a, b, d, relu), None
             else:
                 gy, g_res = be.bn_act_backward_apply(grad_out, out, ys[-1], a, b, d, None, None, None, None,
@@ -364,8 +365,8 @@ def _keep_graph() -> bool:
 
 
 def _apply_into(apply_, y, owned: bool, grad_out, out, a, b, d, relu: bool):
-    """``a[c] * dz + b[c] * y + d[c]`` written over ``y`` when the node owns it (a recomputed conv
-    output), else into a new buffer."""
+    """``a[c] * dz + b[c] * y + d[c]`` written over ``y`` when the node owns it (a recomputed or a
+    held conv output that is not needed again), else into a new buffer."""
     dst = y if owned else torch.empty_like(y)
     apply_(dst, grad_out, out, y, a, b, d, relu, False)
     return dst
