@@ -240,7 +240,8 @@ def test_chain_gradcheck_with_each_algorithm(algo, name, monkeypatch):
     gradcheck with every convolution of the forward and backward on the forced algorithm."""
     algo(name)
     used = []
-    for fn in ("gemm_forward", "gemm_weight_grad", "gemm_input_grad", "gemm_input_grad_add_", "_winograd_training"):
+    for fn in ("gemm_forward", "gemm_weight_grad", "gemm_input_grad", "gemm_input_grad_add_", "_winograd_training",
+               "winograd_weight_grad"):
         real = getattr(cpu_conv, fn)
         def spy(*a, _r=real, _n=fn, **k):
             r = _r(*a, **k)
@@ -264,7 +265,7 @@ def test_chain_gradcheck_with_each_algorithm(algo, name, monkeypatch):
     if name == "gemm":  # the projection's input gradient is added into x's (gemm_input_grad_add_)
         assert {"gemm_forward", "gemm_weight_grad", "gemm_input_grad_add_"} <= set(used)
     elif name == "winograd":
-        assert "_winograd_training" in used
+        assert {"_winograd_training", "winograd_weight_grad"} <= set(used)
     else:
         assert not used
 
@@ -428,5 +429,57 @@ def _bad_wgrad():
 @pytest.mark.parametrize("case", range(7), ids=[c[0] for c in _bad_wgrad()])
 def test_conv_weight_grad_bad_input(case):
     _, call, message = _bad_wgrad()[case]
+    with pytest.raises(RuntimeError, match=message):
+        call()
+
+
+# -- resfuse::winograd_weight_grad (csrc/cpu/winograd.cpp) ---------------------------------------------------
+@pytest.mark.skipif(not _extension.LOADED, reason="resfuse._C not built")
+@pytest.mark.parametrize("chunk", [1, 7, 1000])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("shape", WINO_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_winograd_weight_grad_matches_aten(shape, dtype, chunk):
+    """``G^T (dL/dU) G`` against ATen's float64 weight gradient: odd and 1x1 maps (tiles cropped at
+    the edges), chunks of one tile, a few tiles and all of them."""
+    n, ci, co, h, w_ = shape
+    x = _cl(n, ci, h, w_)
+    w = _cl(co, ci, 3, 3)
+    gy = _cl(n, co, h, w_)
+    want = _aten_backward(gy, x, w, WINO)[1]
+    du = torch.ops.resfuse.winograd_weight_grad(gy.to(dtype), x.to(dtype), chunk)
+    assert du.shape == (16, ci, co)
+    with torch.no_grad():
+        got = cpu_conv.winograd_weight_grad(gy.to(dtype), x.to(dtype)) if chunk == 7 else \
+            (cpu_conv._kron_g(dtype).t() @ du.view(16, -1)).view(3, 3, ci, co).permute(3, 2, 0, 1)
+    assert got.shape == want.shape and got.dtype == dtype
+    assert _rel(got, want) < (1e-12 if dtype == torch.float64 else 5e-6)
+
+
+@pytest.mark.skipif(not _extension.LOADED, reason="resfuse._C not built")
+def test_opcheck_winograd_weight_grad():
+    for dtype in (torch.float32, torch.float64):
+        x, gy = _cl(2, 5, 7, 6, dtype=dtype), _cl(2, 3, 7, 6, dtype=dtype)
+        torch.library.opcheck(torch.ops.resfuse.winograd_weight_grad.default, (gy, x, 4))
+
+
+def _bad_winograd_wgrad():
+    x, gy = _cl(2, 5, 7, 6, dtype=torch.float32), _cl(2, 3, 7, 6, dtype=torch.float32)
+    op = torch.ops.resfuse.winograd_weight_grad
+    return [
+        ("nchw input", lambda: op(gy, x.contiguous(), 4), r"input must be dense channels_last"),
+        ("nchw grad_output", lambda: op(gy.contiguous(), x, 4), r"grad_output must be dense channels_last"),
+        ("bf16", lambda: op(gy.bfloat16(), x.bfloat16(), 4), r"input must be float32 or float64"),
+        ("dtype mismatch", lambda: op(gy.double(), x, 4), r"grad_output must have the dtype of input"),
+        ("grad_output shape", lambda: op(gy[:, :, :6], x, 4),
+         r"grad_output must have shape \[2, Co, 7, 6\] \(3x3, stride 1, padding 1\)"),
+        ("chunk", lambda: op(gy, x, 0), r"chunk must be positive"),
+        ("rank", lambda: op(gy, x[0], 4), r"resfuse::winograd_weight_grad: input must be a 4-D"),
+    ]
+
+
+@pytest.mark.skipif(not _extension.LOADED, reason="resfuse._C not built")
+@pytest.mark.parametrize("case", range(7), ids=[c[0] for c in _bad_winograd_wgrad()])
+def test_winograd_weight_grad_bad_input(case):
+    _, call, message = _bad_winograd_wgrad()[case]
     with pytest.raises(RuntimeError, match=message):
         call()

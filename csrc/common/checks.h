@@ -252,6 +252,25 @@ inline void check_winograd_dtype(const char* op, const char* name, const at::Ten
               " must be float32 or float64, got ", t.scalar_type());
 }
 
+inline void check_winograd_weight_grad_args(const at::Tensor& grad_output, const at::Tensor& input,
+                                            int64_t chunk) {
+  constexpr const char* op = "resfuse::winograd_weight_grad";
+  check_4d(op, "input", input);
+  check_winograd_dtype(op, "input", input);
+  TORCH_CHECK(input.is_contiguous(at::MemoryFormat::ChannelsLast), op,
+              ": input must be dense channels_last, got strides ", input.strides());
+  check_4d(op, "grad_output", grad_output);
+  check_same_device(op, "grad_output", grad_output, "input", input);
+  check_same_dtype(op, "grad_output", grad_output, "input", input);
+  TORCH_CHECK(grad_output.size(0) == input.size(0) && grad_output.size(2) == input.size(2) &&
+                  grad_output.size(3) == input.size(3),
+              op, ": grad_output must have shape [", input.size(0), ", Co, ", input.size(2), ", ", input.size(3),
+              "] (3x3, stride 1, padding 1), got ", grad_output.sizes());
+  TORCH_CHECK(grad_output.is_contiguous(at::MemoryFormat::ChannelsLast), op,
+              ": grad_output must be dense channels_last, got strides ", grad_output.strides());
+  TORCH_CHECK(chunk > 0, op, ": chunk must be positive, got ", chunk);
+}
+
 inline void check_winograd_conv_args(const at::Tensor& input, const at::Tensor& weight,
                                      const std::optional<at::Tensor>& bias,
                                      const std::optional<at::Tensor>& residual, int64_t chunk) {

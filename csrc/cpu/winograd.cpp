@@ -21,10 +21,12 @@
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/stack.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <ATen/ops/conv2d.h>
 #include <torch/library.h>
 
@@ -124,6 +126,33 @@ void output_tiles(const scalar_t* m, int64_t m_stride, const scalar_t* bias, con
   }
 }
 
+// Tiles [t0, t1) of the output gradient gy into m (row t - base): M_t = A g_t A^T, g_t the 2x2 output
+// block of tile t (zero past an odd edge), A = [[1,0],[1,1],[1,-1],[0,-1]] — the adjoint of the output
+// transform, so that dL/dU[p] = sum_t V_t[p]^T M_t[p] (see winograd_weight_grad_cpu).
+template <typename scalar_t>
+void grad_tiles(const scalar_t* gy, scalar_t* m, const Tiles g, int64_t C, int64_t t0, int64_t t1, int64_t base) {
+  using Vec = Vectorized<scalar_t>;
+  constexpr int64_t kV = Vec::size();
+  for (int64_t t = t0; t < t1; ++t) {
+    scalar_t* mt = m + (t - base) * 16 * C;
+    const int64_t j = t % g.tw, i = (t / g.tw) % g.th, n = t / (g.tw * g.th);
+    const bool row1 = 2 * i + 1 < g.H, col1 = 2 * j + 1 < g.W;
+    const int64_t off = ((n * g.H + 2 * i) * g.W + 2 * j) * C;
+    for (int64_t c = 0; c < C; c += kV) {
+      const int64_t k = std::min<int64_t>(kV, C - c);
+      const Vec d00 = Vec::loadu(gy + off + c, k);
+      const Vec d01 = col1 ? Vec::loadu(gy + off + C + c, k) : Vec(0);
+      const Vec d10 = row1 ? Vec::loadu(gy + off + g.W * C + c, k) : Vec(0);
+      const Vec d11 = row1 && col1 ? Vec::loadu(gy + off + (g.W + 1) * C + c, k) : Vec(0);
+      const Vec r[4][2] = {{d00, d01}, {d00 + d10, d01 + d11}, {d00 - d10, d01 - d11}, {Vec(0) - d10, Vec(0) - d11}};
+      for (int a = 0; a < 4; ++a) {
+        const Vec out[4] = {r[a][0], r[a][0] + r[a][1], r[a][0] - r[a][1], Vec(0) - r[a][1]};
+        for (int b = 0; b < 4; ++b) out[b].store(mt + (a * 4 + b) * C + c, k);
+      }
+    }
+  }
+}
+
 // The 16-group 1x1 convolution v [1, 16*Ci, Tc, 1] (channels_last) x weight [16*Co, Ci, 1, 1]
 // (dense or oneDNN-packed) through the mkldnn op (ATen for float64); returns [1, 16*Co, Tc, 1]
 // channels_last.
@@ -183,10 +212,45 @@ at::Tensor winograd_conv_cpu(const at::Tensor& input, const at::Tensor& weight,
   return y;
 }
 
+// dL/dU [16, Ci, Co] of winograd_conv's U for the output gradient grad_output: with V_t (input_tiles)
+// and M_t (grad_tiles) of each tile, dL/dU[p] = sum_t V_t[p]^T M_t[p] — 16 GEMMs of [Ci, Tc] x [Tc, Co]
+// per chunk of Tc tiles, accumulated over the chunks, the 16 run in parallel (each single-threaded).
+// The weight gradient is G^T dL/dU G (resfuse/cpu_conv.py): 16 GEMMs over T tiles against 9 over
+// 4T output positions for the direct weight gradient.
+at::Tensor winograd_weight_grad_cpu(const at::Tensor& grad_output, const at::Tensor& input, int64_t chunk) {
+  check_winograd_weight_grad_args(grad_output, input, chunk);
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // the GEMMs implement this op
+  const int64_t N = input.size(0), Ci = input.size(1), Co = grad_output.size(1);
+  const Tiles g(N, input.size(2), input.size(3));
+  chunk = std::min(chunk, g.T);
+  at::Tensor v = at::empty({chunk, 16, Ci}, input.options());
+  at::Tensor m = at::empty({chunk, 16, Co}, input.options());
+  at::Tensor du = at::zeros({16, Ci, Co}, input.options());
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "resfuse::winograd_weight_grad", [&] {
+    const scalar_t* x = input.const_data_ptr<scalar_t>();
+    const scalar_t* gy = grad_output.const_data_ptr<scalar_t>();
+    scalar_t* vp = v.mutable_data_ptr<scalar_t>();
+    scalar_t* mp = m.mutable_data_ptr<scalar_t>();
+    for (int64_t base = 0; base < g.T; base += chunk) {
+      const int64_t rows = std::min(chunk, g.T - base);
+      at::parallel_for(base, base + rows, grain_for(16 * (Ci + Co)), [&](int64_t t0, int64_t t1) {
+        input_tiles<scalar_t>(x, vp, g, Ci, t0, t1, base);
+        grad_tiles<scalar_t>(gy, mp, g, Co, t0, t1, base);
+      });
+      const at::Tensor vr = v.narrow(0, 0, rows), mr = m.narrow(0, 0, rows);
+      at::parallel_for(0, 16, 1, [&](int64_t p0, int64_t p1) {
+        for (int64_t p = p0; p < p1; ++p) du.select(0, p).addmm_(vr.select(1, p).t(), mr.select(1, p));
+      });
+    }
+  });
+  return du;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(resfuse, CPU, m) {
   m.impl("winograd_conv", &winograd_conv_cpu);
+  m.impl("winograd_weight_grad", &winograd_weight_grad_cpu);
 }
 
 // A prepacked (oneDNN "mkldnn" layout) weight dispatches here; the activations are plain CPU tensors.
