@@ -78,7 +78,7 @@ TORCH_LIBRARY(resfuse, m) {
       "int[2] stride, int[2] padding) -> Tensor",
       {at::Tag::pt2_compliant_tag});
 
-  // CPU only (csrc/cpu/winograd.cpp): dL/dU [16, Ci, Co] of winograd_conv's transformed weight U for
+  // CPU only (csrc/cpu/winograd.cpp): dL/dU (as [16, Co, Ci]) of winograd_conv's transformed weight U for
   // grad_output [N, Co, H, W] and input [N, Ci, H, W] (3x3, stride 1, padding 1; channels_last
   // float32/float64), tiles `chunk` at a time; the weight gradient is G^T dL/dU G.
   m.def("winograd_weight_grad(Tensor grad_output, Tensor input, int chunk) -> Tensor",

@@ -301,12 +301,6 @@ def _bad_winograd():
     ]
 
 
-@pytest.mark.skipif(not _extension.LOADED, reason="resfuse._C not built")
-@pytest.mark.parametrize("case", range(7), ids=[c[0] for c in _bad_winograd()])
-def test_winograd_bad_input(case):
-    _, call, message = _bad_winograd()[case]
-    with pytest.raises(RuntimeError, match=message):
-        call()
 
 
 def test_inference_layer_uses_measured_choice(algo):
@@ -425,12 +419,6 @@ def _bad_wgrad():
     ]
 
 
-@pytest.mark.skipif(not _extension.LOADED, reason="resfuse._C not built")
-@pytest.mark.parametrize("case", range(7), ids=[c[0] for c in _bad_wgrad()])
-def test_conv_weight_grad_bad_input(case):
-    _, call, message = _bad_wgrad()[case]
-    with pytest.raises(RuntimeError, match=message):
-        call()
 
 
 # -- resfuse::winograd_weight_grad (csrc/cpu/winograd.cpp) ---------------------------------------------------
@@ -447,12 +435,13 @@ def test_winograd_weight_grad_matches_aten(shape, dtype, chunk):
     gy = _cl(n, co, h, w_)
     want = _aten_backward(gy, x, w, WINO)[1]
     du = torch.ops.resfuse.winograd_weight_grad(gy.to(dtype), x.to(dtype), chunk)
-    assert du.shape == (16, ci, co)
-    with torch.no_grad():
-        got = cpu_conv.winograd_weight_grad(gy.to(dtype), x.to(dtype)) if chunk == 7 else \
-            (cpu_conv._kron_g(dtype).t() @ du.view(16, -1)).view(3, 3, ci, co).permute(3, 2, 0, 1)
-    assert got.shape == want.shape and got.dtype == dtype
-    assert _rel(got, want) < (1e-12 if dtype == torch.float64 else 5e-6)
+    assert du.shape == (16, co, ci)
+    tol = 1e-12 if dtype == torch.float64 else 5e-6
+    got = (cpu_conv._kron_g(dtype).t() @ du.view(16, -1)).view(3, 3, co, ci).permute(2, 3, 0, 1)
+    assert _rel(got, want) < tol
+    gw = cpu_conv.winograd_weight_grad(gy.to(dtype), x.to(dtype))  # its own chunk; channels_last out
+    assert gw.shape == want.shape and gw.dtype == dtype and gw.is_contiguous(memory_format=CL)
+    assert _rel(gw, want) < tol
 
 
 @pytest.mark.skipif(not _extension.LOADED, reason="resfuse._C not built")
@@ -477,9 +466,16 @@ def _bad_winograd_wgrad():
     ]
 
 
+def _bad_cases():
+    """Bad arguments of the CPU convolution ops: each raises naming the op and the argument."""
+    return ([("winograd_conv: " + n, c, m) for n, c, m in _bad_winograd()]
+            + [("conv_weight_grad: " + n, c, m) for n, c, m in _bad_wgrad()]
+            + [("winograd_weight_grad: " + n, c, m) for n, c, m in _bad_winograd_wgrad()])
+
+
 @pytest.mark.skipif(not _extension.LOADED, reason="resfuse._C not built")
-@pytest.mark.parametrize("case", range(7), ids=[c[0] for c in _bad_winograd_wgrad()])
-def test_winograd_weight_grad_bad_input(case):
-    _, call, message = _bad_winograd_wgrad()[case]
+@pytest.mark.parametrize("case", range(21), ids=[c[0] for c in _bad_cases()] if _extension.LOADED else None)
+def test_conv_ops_bad_input(case):
+    _, call, message = _bad_cases()[case]
     with pytest.raises(RuntimeError, match=message):
         call()

@@ -212,9 +212,10 @@ at::Tensor winograd_conv_cpu(const at::Tensor& input, const at::Tensor& weight,
   return y;
 }
 
-// dL/dU [16, Ci, Co] of winograd_conv's U for the output gradient grad_output: with V_t (input_tiles)
-// and M_t (grad_tiles) of each tile, dL/dU[p] = sum_t V_t[p]^T M_t[p] — 16 GEMMs of [Ci, Tc] x [Tc, Co]
-// per chunk of Tc tiles, accumulated over the chunks, the 16 run in parallel (each single-threaded).
+// dL/dU, as [16, Co, Ci], of winograd_conv's U for the output gradient grad_output: with V_t
+// (input_tiles) and M_t (grad_tiles) of each tile, dL/dU[p]^T = sum_t M_t[p]^T V_t[p] — 16 GEMMs of
+// [Co, Tc] x [Tc, Ci] per chunk of Tc tiles, accumulated over the chunks, the 16 run in parallel (each
+// single-threaded).
 // The weight gradient is G^T dL/dU G (resfuse/cpu_conv.py): 16 GEMMs over T tiles against 9 over
 // 4T output positions for the direct weight gradient.
 at::Tensor winograd_weight_grad_cpu(const at::Tensor& grad_output, const at::Tensor& input, int64_t chunk) {
@@ -225,7 +226,7 @@ at::Tensor winograd_weight_grad_cpu(const at::Tensor& grad_output, const at::Ten
   chunk = std::min(chunk, g.T);
   at::Tensor v = at::empty({chunk, 16, Ci}, input.options());
   at::Tensor m = at::empty({chunk, 16, Co}, input.options());
-  at::Tensor du = at::zeros({16, Ci, Co}, input.options());
+  at::Tensor du = at::zeros({16, Co, Ci}, input.options());
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "resfuse::winograd_weight_grad", [&] {
     const scalar_t* x = input.const_data_ptr<scalar_t>();
     const scalar_t* gy = grad_output.const_data_ptr<scalar_t>();
@@ -239,7 +240,7 @@ at::Tensor winograd_weight_grad_cpu(const at::Tensor& grad_output, const at::Ten
       });
       const at::Tensor vr = v.narrow(0, 0, rows), mr = m.narrow(0, 0, rows);
       at::parallel_for(0, 16, 1, [&](int64_t p0, int64_t p1) {
-        for (int64_t p = p0; p < p1; ++p) du.select(0, p).addmm_(vr.select(1, p).t(), mr.select(1, p));
+        for (int64_t p = p0; p < p1; ++p) du.select(0, p).addmm_(mr.select(1, p).t(), vr.select(1, p));
       });
     }
   });
