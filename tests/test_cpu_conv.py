@@ -175,7 +175,7 @@ def test_auto_measures_once_per_shape(algo, monkeypatch):
     trials = calls["gemm"]
     assert trials == 1 + cpu_conv._TRIALS  # one warm-up, then the timed runs
     chosen = [v for k, v in cpu_conv.choices().items() if k[0] == "weight_grad"]
-    assert chosen and chosen[0] in ("onednn", "gemm")
+    assert chosen and chosen[0] in ("onednn", "gemm", "winograd")
     for _ in range(3):
         again = cpu_conv.backward(gy, x, w, g, False, True)[1]
     assert calls["gemm"] == trials + (3 if chosen[0] == "gemm" else 0)
