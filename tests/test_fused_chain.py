@@ -405,3 +405,22 @@ def test_conv_outputs_freed_during_backward(monkeypatch):
     assert len(outputs) == 4 and all(r() is not None for r in outputs)  # y_0, y_1, y_2, y_s
     out.sum().backward()
     assert alive == {1: [True, False, False, True], 0: [False, False, False, True]}, alive
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="needs the cpu backend")
+def test_apply_into_owned_dense_only():
+    """A gradient goes over an owned conv output only where that output is dense; a strided one (a
+    backend could return a view) gets a new buffer and is left as it was. Both equal the out-of-place op."""
+    from resfuse.ops import bn_act as ops
+    big = rand_activation((2, 6, 7, 9), torch.float32, True)
+    g, out = rand_activation((2, 3, 7, 9), torch.float32, True), rand_activation((2, 3, 7, 9), torch.float32, True)
+    a, b, d = (torch.randn(3) for _ in range(3))
+    for y in (big[:, :3].clone(memory_format=torch.channels_last), big[:, ::2]):
+        before = y.clone()
+        want, _ = ops.bn_act_backward_apply(g, out, before, a, b, d, None, None, None, None, True, False)
+        got = chain._apply_into(ops.bn_act_backward_apply_, y, True, g, out, a, b, d, True)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        dense = y.is_contiguous(memory_format=torch.channels_last)
+        assert (got.data_ptr() == y.data_ptr()) == dense
+        if not dense:
+            assert torch.equal(y, before)

@@ -366,8 +366,9 @@ def _keep_graph() -> bool:
 
 def _apply_into(apply_, y, owned: bool, grad_out, out, a, b, d, relu: bool):
     """``a[c] * dz + b[c] * y + d[c]`` written over ``y`` when the node owns it (a recomputed or a
-    held conv output that is not needed again), else into a new buffer."""
-    dst = y if owned else torch.empty_like(y)
+    held conv output that is not needed again) and it is dense, else into a new buffer."""
+    dense = y.is_contiguous() or y.is_contiguous(memory_format=torch.channels_last)
+    dst = y if owned and dense else torch.empty_like(y, memory_format=_memory_format(y))
     apply_(dst, grad_out, out, y, a, b, d, relu, False)
     return dst
 
