@@ -43,6 +43,7 @@ picked.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import threading
@@ -93,6 +94,20 @@ def set_algo(name: Optional[str]) -> None:
 
 def get_algo() -> str:
     return _algo
+
+
+@contextlib.contextmanager
+def forced(name: Optional[str]):
+    """:func:`set_algo` ``(name)`` for a ``with`` block, the previous setting after it. With
+    ``"onednn"`` a model's float32 results stop depending on timing: a measured choice changes the
+    rounding, and one pre-activation within rounding of 0 flips a ReLU mask, which moves a whole
+    model's float32 gradients by ~1e-3 (in eager PyTorch just as well) — model-level checks pin it."""
+    prev = _algo
+    set_algo(name)
+    try:
+        yield
+    finally:
+        set_algo(prev)
 
 
 def choices() -> Dict[tuple, str]:
@@ -206,7 +221,7 @@ def _gemm_applies(op: str, x, w, geom: ConvGeom) -> bool:
         # few input channels make it hopeless (the 3-channel 7x7 stem: ~200 ms against oneDNN's 3 ms)
         if tuple(w.shape[2:]) == (1, 1) and geom.stride == (1, 1) and geom.padding == (0, 0):
             return True  # one GEMM on views
-        return _extension.LOADED and w.shape[1] >= _MIN_TAP_CHANNELS
+        return _extension.LOADED and (w.shape[1] >= _MIN_TAP_CHANNELS or tuple(w.shape[2:]) == (1, 1))
     ho, wo = _out_hw(x, w, geom)
     one_by_one_view = w.shape[2:] == (1, 1) and geom.stride == (1, 1) and geom.padding == (0, 0)
     cols_bytes = x.shape[0] * ho * wo * w.shape[1] * w.shape[2] * w.shape[3] * x.element_size()
@@ -288,8 +303,8 @@ def backward(gy, x, w, geom: ConvGeom, need_input=True, need_weight=True):
                          lambda: gemm_input_grad(gy, x, w, geom), lambda: _winograd_training(gy, w, True), gy)
     if need_weight:
         cw = _candidates("weight_grad", x, w, geom, lambda: _aten_backward(gy, x, w, geom, False, True)[1],
-                         lambda: gemm_weight_grad(gy, x, w, geom), lambda: winograd_weight_grad(gy, x),
-                         x if _is_cl(gy) else gy)
+                         lambda: gemm_weight_grad(gy, x, w, geom),
+                         (lambda: winograd_weight_grad(gy, x)) if _is_cl(gy) else None, x)
     if ci and cw and _decided("input_grad", key, ci) == _decided("weight_grad", key, cw) == "onednn":
         return _aten_backward(gy, x, w, geom, True, True)
     return (pick("input_grad", key, ci) if ci else None), (pick("weight_grad", key, cw) if cw else None)

@@ -49,12 +49,8 @@ def _onednn_convs():
     gradient then 1e-2 off float64 where plain PyTorch's is 3e-6 — an outcome decided by rounding,
     not by a defect). Pinned, the check is deterministic; the other algorithms are checked per op
     and per block in test_cpu_conv.py."""
-    prev = cpu_conv.get_algo()
-    cpu_conv.set_algo("onednn")
-    try:
+    with cpu_conv.forced("onednn"):
         yield
-    finally:
-        cpu_conv.set_algo(prev)
 
 
 def check_fused_model(plain: nn.Module, x: torch.Tensor, *, fused32=None, float64=True) -> nn.Module:

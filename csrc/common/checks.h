@@ -252,13 +252,18 @@ inline void check_winograd_dtype(const char* op, const char* name, const at::Ten
               " must be float32 or float64, got ", t.scalar_type());
 }
 
+// An activation the Winograd kernels read: 4-D, float32/float64, dense channels_last.
+inline void check_winograd_activation(const char* op, const char* name, const at::Tensor& t) {
+  check_4d(op, name, t);
+  check_winograd_dtype(op, name, t);
+  TORCH_CHECK(t.is_contiguous(at::MemoryFormat::ChannelsLast), op, ": ", name,
+              " must be dense channels_last, got strides ", t.strides());
+}
+
 inline void check_winograd_weight_grad_args(const at::Tensor& grad_output, const at::Tensor& input,
                                             int64_t chunk) {
   constexpr const char* op = "resfuse::winograd_weight_grad";
-  check_4d(op, "input", input);
-  check_winograd_dtype(op, "input", input);
-  TORCH_CHECK(input.is_contiguous(at::MemoryFormat::ChannelsLast), op,
-              ": input must be dense channels_last, got strides ", input.strides());
+  check_winograd_activation(op, "input", input);
   check_4d(op, "grad_output", grad_output);
   check_same_device(op, "grad_output", grad_output, "input", input);
   check_same_dtype(op, "grad_output", grad_output, "input", input);
@@ -266,8 +271,7 @@ inline void check_winograd_weight_grad_args(const at::Tensor& grad_output, const
                   grad_output.size(3) == input.size(3),
               op, ": grad_output must have shape [", input.size(0), ", Co, ", input.size(2), ", ", input.size(3),
               "] (3x3, stride 1, padding 1), got ", grad_output.sizes());
-  TORCH_CHECK(grad_output.is_contiguous(at::MemoryFormat::ChannelsLast), op,
-              ": grad_output must be dense channels_last, got strides ", grad_output.strides());
+  check_winograd_activation(op, "grad_output", grad_output);
   TORCH_CHECK(chunk > 0, op, ": chunk must be positive, got ", chunk);
 }
 
@@ -275,10 +279,7 @@ inline void check_winograd_conv_args(const at::Tensor& input, const at::Tensor& 
                                      const std::optional<at::Tensor>& bias,
                                      const std::optional<at::Tensor>& residual, int64_t chunk) {
   constexpr const char* op = "resfuse::winograd_conv";
-  check_4d(op, "input", input);
-  check_winograd_dtype(op, "input", input);
-  TORCH_CHECK(input.is_contiguous(at::MemoryFormat::ChannelsLast), op,
-              ": input must be dense channels_last, got strides ", input.strides());
+  check_winograd_activation(op, "input", input);
   TORCH_CHECK(weight.dim() == 4 && weight.size(0) % 16 == 0 && weight.size(1) == input.size(1) &&
                   weight.size(2) == 1 && weight.size(3) == 1,
               op, ": weight must be the transformed weight [16*Co, Ci, 1, 1] with Ci = ", input.size(1),
