@@ -143,6 +143,11 @@ def _cols(x, w, geom: ConvGeom):
     return win.reshape(n * ho * wo, kh * kw * c), ho, wo
 
 
+def _view_gemm(w, geom: ConvGeom) -> bool:
+    """A 1x1, stride-1, unpadded convolution: its im2col matrix is a view of ``x`` (one GEMM, no copy)."""
+    return tuple(w.shape[2:]) == (1, 1) and geom.stride == (1, 1) and geom.padding == (0, 0)
+
+
 def _w_mat(w):
     return w.permute(0, 2, 3, 1).reshape(w.shape[0], -1)  # a view for a channels_last weight
 
@@ -165,7 +170,7 @@ def gemm_weight_grad(gy, x, w, geom: ConvGeom):
     thread instead of the ``kh*kw``-times larger im2col buffer (less memory than oneDNN's weight
     gradient too, which holds ~3 weight-sized buffers)."""
     co, ci, kh, kw = w.shape
-    if (kh, kw) == (1, 1) and geom.stride == (1, 1) and geom.padding == (0, 0):
+    if _view_gemm(w, geom):
         return (_g_mat(gy).t() @ _cols(x, w, geom)[0]).view(co, 1, 1, ci).permute(0, 3, 1, 2)
     return torch.ops.resfuse.conv_weight_grad(gy, x, [kh, kw], list(geom.stride), list(geom.padding),
                                               list(geom.dilation))
@@ -219,13 +224,12 @@ def _gemm_applies(op: str, x, w, geom: ConvGeom) -> bool:
         return False
     if op == "weight_grad":  # per tap: no im2col buffer; each tap's GEMM has K = Ci columns, so a
         # few input channels make it hopeless (the 3-channel 7x7 stem: ~200 ms against oneDNN's 3 ms)
-        if tuple(w.shape[2:]) == (1, 1) and geom.stride == (1, 1) and geom.padding == (0, 0):
-            return True  # one GEMM on views
+        if _view_gemm(w, geom):
+            return True
         return _extension.LOADED and (w.shape[1] >= _MIN_TAP_CHANNELS or tuple(w.shape[2:]) == (1, 1))
     ho, wo = _out_hw(x, w, geom)
-    one_by_one_view = w.shape[2:] == (1, 1) and geom.stride == (1, 1) and geom.padding == (0, 0)
     cols_bytes = x.shape[0] * ho * wo * w.shape[1] * w.shape[2] * w.shape[3] * x.element_size()
-    return one_by_one_view or cols_bytes <= MAX_COLS_BYTES
+    return _view_gemm(w, geom) or cols_bytes <= MAX_COLS_BYTES
 
 
 def _timed(fn: Callable[[], torch.Tensor]):

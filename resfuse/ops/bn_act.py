@@ -94,10 +94,10 @@ def bn_act_backward_apply_(grad_input: Tensor, grad_out: Tensor, output: Tensor,
     when ``accumulate``; without ``input`` the ``b`` term is absent (not ``0 * input``).
 
     ``grad_input`` is dense NCHW or channels_last and may be ``grad_out`` itself (a gradient buffer
-    the caller owns; ``accumulate`` must then be False) or ``input`` itself (a recomputed conv output
-    the caller owns) but must not otherwise share memory with an operand. The fused backward uses it
-    to turn a conv's input gradient into the previous layer's ``dL/dy`` without a new buffer, to
-    write a recomputed conv output's gradient over it, and to add the identity shortcut's ``dz`` into
+    the caller owns; ``accumulate`` must then be False) or ``input`` itself (a conv output the caller
+    owns and needs no more) but must not otherwise share memory with an operand. The fused backward
+    uses it to turn a conv's input gradient into the previous layer's ``dL/dy`` without a new buffer,
+    to write a conv output's gradient over that output, and to add the identity shortcut's ``dz`` into
     the block input's gradient. Returns None.
     """
     _op("bn_act_backward_apply_")(grad_input, grad_out, output, input, a, b, d, relu, accumulate)
