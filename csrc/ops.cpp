@@ -78,10 +78,10 @@ TORCH_LIBRARY(resfuse, m) {
       "int[2] stride, int[2] padding) -> Tensor",
       {at::Tag::pt2_compliant_tag});
 
-  // CPU only (csrc/cpu/winograd.cpp): dL/dU (as [16, Co, Ci]) of winograd_conv's transformed weight U for
-  // grad_output [N, Co, H, W] and input [N, Ci, H, W] (3x3, stride 1, padding 1; channels_last
-  // float32/float64), tiles `chunk` at a time; the weight gradient is G^T dL/dU G.
-  m.def("winograd_weight_grad(Tensor grad_output, Tensor input, int chunk) -> Tensor",
+  // CPU only (csrc/cpu/winograd.cpp): dL/dU (as [P, Co, Ci], P = (tile+2)^2) of winograd_conv's transformed
+  // weight U for grad_output [N, Co, H, W] and input [N, Ci, H, W] (3x3, stride 1, padding 1;
+  // channels_last float32/float64), tiles `chunk` at a time; the weight gradient is G^T dL/dU G.
+  m.def("winograd_weight_grad(Tensor grad_output, Tensor input, int chunk, int tile) -> Tensor",
         {at::Tag::pt2_compliant_tag});
 
   // CPU only (csrc/cpu/conv_weight_grad.cpp): the weight gradient [Co, Ci, kH, kW] (channels_last)
@@ -93,12 +93,13 @@ TORCH_LIBRARY(resfuse, m) {
       {at::Tag::pt2_compliant_tag});
 
   // CPU only (csrc/cpu/winograd.cpp): act(conv3x3(input) + bias[c] + residual) with stride 1 and
-  // padding 1 as a Winograd F(2x2, 3x3) convolution. input: channels_last [N, Ci, H, W] float32 or
-  // float64; weight: the transformed weight U = G w G^T as [16*Co, Ci, 1, 1] (dense, or prepacked
-  // by mkldnn::_reorder_convolution_weight for the channels_last input [1, 16*Ci, chunk, 1]); the
-  // tiles are processed `chunk` at a time. Returns channels_last [N, Co, H, W].
+  // padding 1 as a Winograd F(tile x tile, 3x3) convolution, tile 2 or 4. input: channels_last
+  // [N, Ci, H, W] float32 or float64; weight: the transformed weight U = G w G^T as [P*Co, Ci, 1, 1],
+  // P = (tile+2)^2 (dense, or prepacked by mkldnn::_reorder_convolution_weight for the channels_last
+  // input [1, P*Ci, chunk, 1]); the tiles are processed `chunk` at a time. Returns channels_last
+  // [N, Co, H, W].
   m.def(
-      "winograd_conv(Tensor input, Tensor weight, Tensor? bias, Tensor? residual, bool relu, int chunk) "
-      "-> Tensor",
+      "winograd_conv(Tensor input, Tensor weight, Tensor? bias, Tensor? residual, bool relu, int chunk, "
+      "int tile) -> Tensor",
       {at::Tag::pt2_compliant_tag});
 }

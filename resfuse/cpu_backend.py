@@ -42,6 +42,7 @@ model, never share mutable state beyond a dict insertion under the GIL.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
 from typing import Optional
@@ -57,9 +58,8 @@ _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 #: environment variable forcing the portable path (``1``/``true``/``yes``)
 ENV_PORTABLE = "RESFUSE_CPU_PORTABLE"
 _PACK_ATTR = "_resfuse_onednn_pack"  # attribute of a folded weight tensor: {key: packed weight}
-_WINO_ATTR = "_resfuse_winograd"  # attribute of a folded weight tensor: (version, Winograd U)
+_WINO_ATTR = "_resfuse_winograd"  # attribute of a folded weight tensor: (version, {tile: Winograd U})
 _MAX_PACKS = 4  # packed copies kept per folded weight (one per input shape seen), oldest dropped
-_GEMM_GEOM = ConvGeom((1, 1), (0, 0), (1, 1), 16)  # the Winograd GEMMs: one 16-group 1x1 convolution
 
 
 def _env_portable() -> bool:
@@ -225,7 +225,8 @@ class CpuBackend(Backend):
             return super().conv_bias_act(x, w, bias, geom, residual, relu)
         cands = {"onednn": lambda: self._onednn_bias_act(x, w, bias, geom, residual, relu)}
         if cpu_conv.winograd_applies(x, w, geom) and bias.dtype == x.dtype:
-            cands["winograd"] = lambda: self._winograd_bias_act(x, w, bias, residual, relu)
+            for tile, name in cpu_conv.WINOGRAD.items():
+                cands[name] = functools.partial(self._winograd_bias_act, x, w, bias, residual, relu, tile)
         key = (tuple(x.shape), tuple(w.shape), geom, x.dtype, residual is not None, relu)
         return cpu_conv.pick("inference", key, cands)
 
@@ -248,12 +249,14 @@ class CpuBackend(Backend):
             y = y.contiguous()  # NCHW in, NCHW out (the packed primitive computes in NHWC/blocked)
         return y
 
-    def _winograd_bias_act(self, x, w, bias, residual, relu):
-        """Winograd F(2x2, 3x3) with the transformed weight cached on ``w`` and prepacked for oneDNN."""
-        chunk = cpu_conv.winograd_chunk(x)
-        u = _winograd_u(w)
-        pu = self._packed(u, _GEMM_GEOM, (1, 16 * x.shape[1], chunk, 1), x.dtype)
-        return cpu_conv.winograd_forward(x, pu, bias, residual, relu, chunk)
+    def _winograd_bias_act(self, x, w, bias, residual, relu, tile):
+        """Winograd F(tile x tile, 3x3) with the transformed weight cached on ``w`` and prepacked for
+        oneDNN (the GEMMs: one P-group 1x1 convolution)."""
+        chunk = cpu_conv.winograd_chunk(x, tile)
+        p = cpu_conv.points(tile)
+        pu = self._packed(_winograd_u(w, tile), ConvGeom((1, 1), (0, 0), (1, 1), p),
+                          (1, p * x.shape[1], chunk, 1), x.dtype)
+        return cpu_conv.winograd_forward(x, pu, bias, residual, relu, chunk, tile)
 
     def _fast(self, x, w, bias, residual) -> bool:
         if onednn_status() is not None or torch.compiler.is_compiling():
@@ -294,18 +297,20 @@ class CpuBackend(Backend):
         return pw
 
 
-def _winograd_u(w: torch.Tensor) -> torch.Tensor:
-    """``cpu_conv.winograd_weight(w)``, cached on the (folded, inference) weight ``w`` like the oneDNN
-    packs and guarded by its version counter."""
+def _winograd_u(w: torch.Tensor, tile: int = 2) -> torch.Tensor:
+    """``cpu_conv.winograd_weight(w, tile=tile)``, cached on the (folded, inference) weight ``w`` like
+    the oneDNN packs and guarded by its version counter."""
     hit = getattr(w, _WINO_ATTR, None)
-    if hit is not None and hit[0] == w._version:
-        return hit[1]
-    with torch.no_grad():
-        u = cpu_conv.winograd_weight(w)
-    try:
-        setattr(w, _WINO_ATTR, (w._version, u))
-    except (AttributeError, RuntimeError):
-        pass
+    if hit is None or hit[0] != w._version:
+        hit = (w._version, {})
+        try:
+            setattr(w, _WINO_ATTR, hit)
+        except (AttributeError, RuntimeError):
+            pass
+    u = hit[1].get(tile)
+    if u is None:
+        with torch.no_grad():
+            u = hit[1][tile] = cpu_conv.winograd_weight(w, tile=tile)
     return u
 
 

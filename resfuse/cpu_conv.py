@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from . import _extension
 from .backends import ConvGeom
 
-ALGOS = ("auto", "onednn", "gemm", "winograd")
+ALGOS = ("auto", "onednn", "gemm", "winograd", "winograd4")
 #: largest im2col buffer the GEMM forward may allocate (bytes; it adds to a train step's peak memory):
 #: the measured wins are all below 3 MiB (small maps), the losses above (28x28 maps, up to 14 MiB)
 MAX_COLS_BYTES = 8 << 20
@@ -277,15 +277,17 @@ def _key(x, w, geom: ConvGeom) -> tuple:
 
 
 def _candidates(op: str, x, w, geom: ConvGeom, onednn: Callable, gemm: Callable,
-                winograd: Optional[Callable] = None, wino_input=None):
-    """The algorithms that can run ``op`` here; ``wino_input`` is the tensor Winograd transforms."""
+                winograd: Optional[Callable[[int], torch.Tensor]] = None, wino_input=None, tiles=(2, 4)):
+    """The algorithms that can run ``op`` here; ``winograd(tile)`` runs F(tile x tile, 3x3) for each
+    of ``tiles``, ``wino_input`` is the tensor it transforms."""
     c = {"onednn": onednn}
     if torch.compiler.is_compiling():
         return c
     if _gemm_applies(op, x, w, geom):
         c["gemm"] = gemm
     if winograd is not None and winograd_applies(wino_input, w, geom):
-        c["winograd"] = winograd
+        for t in tiles:
+            c[WINOGRAD[t]] = functools.partial(winograd, t)
     return c
 
 
@@ -293,7 +295,7 @@ def forward(x, w, geom: ConvGeom):
     """``conv2d(x, w)`` without bias; output in ``x``'s memory format."""
     return pick("forward", _key(x, w, geom), _candidates(
         "forward", x, w, geom, lambda: aten_forward(x, w, geom), lambda: gemm_forward(x, w, geom),
-        lambda: _winograd_training(x, w, False), x))
+        lambda t: _winograd_training(x, w, False, t), x))
 
 
 def backward(gy, x, w, geom: ConvGeom, need_input=True, need_weight=True):
@@ -304,22 +306,34 @@ def backward(gy, x, w, geom: ConvGeom, need_input=True, need_weight=True):
     ci = cw = None
     if need_input:
         ci = _candidates("input_grad", x, w, geom, lambda: _aten_backward(gy, x, w, geom, True, False)[0],
-                         lambda: gemm_input_grad(gy, x, w, geom), lambda: _winograd_training(gy, w, True), gy)
+                         lambda: gemm_input_grad(gy, x, w, geom), lambda t: _winograd_training(gy, w, True, t), gy)
     if need_weight:
         cw = _candidates("weight_grad", x, w, geom, lambda: _aten_backward(gy, x, w, geom, False, True)[1],
                          lambda: gemm_weight_grad(gy, x, w, geom),
-                         (lambda: winograd_weight_grad(gy, x)) if _is_cl(gy) else None, x)
+                         (lambda t: winograd_weight_grad(gy, x, t)) if _is_cl(gy) else None, x)
     if ci and cw and _decided("input_grad", key, ci) == _decided("weight_grad", key, cw) == "onednn":
         return _aten_backward(gy, x, w, geom, True, True)
     return (pick("input_grad", key, ci) if ci else None), (pick("weight_grad", key, cw) if cw else None)
 
 
-# -- Winograd F(2x2, 3x3): 3x3, stride 1, padding 1 (csrc/cpu/winograd.cpp) ---------------------------
-_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
+# -- Winograd F(m x m, 3x3), m = 2 or 4: 3x3, stride 1, padding 1 (csrc/cpu/winograd.cpp) -------------
+#: the transform G of F(m x m, 3x3) per output tile size m (B^T and A^T are in csrc/cpu/winograd.cpp)
+_G = {
+    2: ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0)),
+    4: ((1 / 4, 0.0, 0.0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6), (1 / 24, 1 / 12, 1 / 6),
+        (1 / 24, -1 / 12, 1 / 6), (0.0, 0.0, 1.0)),
+}
+#: the algorithm name of each tile size (what :func:`pick` and :func:`choices` call them)
+WINOGRAD = {2: "winograd", 4: "winograd4"}
 _WINO_GEOM = ConvGeom((1, 1), (1, 1), (1, 1), 1)
 # the GEMMs run as oneDNN grouped convolutions (private ATen ops, probed by name only: the oneDNN
 # fast path of cpu_backend probes them for correctness; Winograd itself is checked by the tests)
 _HAS_MKLDNN = all(hasattr(torch.ops.mkldnn, n) for n in ("_convolution_pointwise", "_reorder_convolution_weight"))
+
+
+def points(tile: int) -> int:
+    """Transform points ``P = (tile + 2)^2`` of F(tile x tile, 3x3): the number of GEMMs."""
+    return (tile + 2) ** 2
 
 
 def winograd_applies(x, w, geom: ConvGeom) -> bool:
@@ -331,78 +345,80 @@ def winograd_applies(x, w, geom: ConvGeom) -> bool:
 
 
 @functools.cache
-def _kron_g(dtype: torch.dtype) -> torch.Tensor:
-    """``K = G (x) G``, ``[16, 9]``: ``vec(G g G^T) = K vec(g)`` (built once per dtype, not per call)."""
-    g = torch.tensor(_G, dtype=dtype)
-    return torch.kron(g, g)
+def _kron_g(dtype: torch.dtype, tile: int) -> torch.Tensor:
+    """``K = G (x) G``, ``[P, 9]``: ``vec(G g G^T) = K vec(g)`` (built once per dtype and tile)."""
+    g = torch.tensor(_G[tile], dtype=torch.float64)
+    return torch.kron(g, g).to(dtype)
 
 
-def winograd_weight(w, transpose: bool = False):
-    """``U = G w G^T`` as the weight of a 16-group 1x1 convolution, ``[16*Co, Ci, 1, 1]``.
+def winograd_weight(w, transpose: bool = False, tile: int = 2):
+    """``U = G w G^T`` as the weight of a ``P``-group 1x1 convolution, ``[P*Co, Ci, 1, 1]``.
 
     ``transpose=True``: ``U`` of the input-gradient convolution (``w`` with its taps rotated by
-    180 degrees and ``Ci``/``Co`` swapped), ``[16*Ci, Co, 1, 1]``."""
-    k = _kron_g(w.dtype)
+    180 degrees and ``Ci``/``Co`` swapped), ``[P*Ci, Co, 1, 1]``."""
+    k = _kron_g(w.dtype, tile)
     if transpose:  # rotating the 3x3 taps by 180 degrees reverses their order
         k, taps = k.flip(1), w.permute(2, 3, 1, 0)
     else:
         taps = w.permute(2, 3, 0, 1)
     rows, cols = taps.shape[2:]
-    return torch.mm(k, taps.reshape(9, rows * cols)).view(16 * rows, cols, 1, 1)
+    return torch.mm(k, taps.reshape(9, rows * cols)).view(points(tile) * rows, cols, 1, 1)
 
 
-def winograd_chunk(x) -> int:
-    """Tiles per chunk of :func:`winograd_forward`: the tiles split into equal chunks of at most 128
-    (more than 64 channels, one thread) or 256 tiles, so that a chunk's transformed input and GEMM
-    output stay in cache, and no chunk is mostly padding (the last chunk's missing tiles are computed
-    as zeros). Measured (fp32, bias + ReLU, chunk targets 64-512 swept at 1 and 2 threads):
-    8x256x14x14 (392 tiles), 1 thread: 9.0 ms in 4 chunks of 98 against 11.8 ms in chunks of 128
-    (the last one 8/128 full); 1x64x56x56 (784 tiles): 1.26 ms in 4 of 196, 1.43 in one chunk;
-    2 threads prefer the larger chunks (8x128x28x28: 4.57 ms at 224, 5.04 at 121)."""
+def winograd_chunk(x, tile: int = 2) -> int:
+    """Tiles per chunk of :func:`winograd_forward`: the tiles split into equal chunks of at most
+    ``2048 / P`` (more than 64 channels, one thread) or ``4096 / P`` tiles (128 or 256 for F(2x2)),
+    so that a chunk's transformed input and GEMM output stay in cache, and no chunk is mostly padding
+    (the last chunk's missing tiles are computed as zeros). Measured for F(2x2) (fp32, bias + ReLU,
+    chunk targets 64-512 swept at 1 and 2 threads): 8x256x14x14 (392 tiles), 1 thread: 9.0 ms in 4
+    chunks of 98 against 11.8 ms in chunks of 128 (the last one 8/128 full); 1x64x56x56 (784 tiles):
+    1.26 ms in 4 of 196, 1.43 in one chunk; 2 threads prefer the larger chunks (8x128x28x28: 4.57 ms
+    at 224, 5.04 at 121)."""
     n, c, h, w = x.shape
-    tiles = n * ((h + 1) // 2) * ((w + 1) // 2)
-    target = 128 if c > 64 and torch.get_num_threads() == 1 else 256
+    tiles = n * -(-h // tile) * -(-w // tile)
+    target = (2048 if c > 64 and torch.get_num_threads() == 1 else 4096) // points(tile)
     return -(-tiles // -(-tiles // target))
 
 
-def _packed(x, u, chunk: int):
-    """A dense float32 ``u`` prepacked (oneDNN) for the ``[1, 16*Ci, chunk, 1]`` GEMM input, once for
+def _packed(x, u, chunk: int, tile: int):
+    """A dense float32 ``u`` prepacked (oneDNN) for the ``[1, P*Ci, chunk, 1]`` GEMM input, once for
     all chunks; ``u`` itself when already packed or not float32."""
     if x.dtype == torch.float32 and not u.is_mkldnn:
-        return torch.ops.mkldnn._reorder_convolution_weight(u, [0, 0], [1, 1], [1, 1], 16,
-                                                            [1, 16 * x.shape[1], chunk, 1])
+        p = points(tile)
+        return torch.ops.mkldnn._reorder_convolution_weight(u, [0, 0], [1, 1], [1, 1], p,
+                                                            [1, p * x.shape[1], chunk, 1])
     return u
 
 
-def winograd_forward(x, u, bias=None, residual=None, relu=False, chunk=None):
-    """``act(conv3x3(x) + bias + residual)`` (stride 1, padding 1) from ``u = winograd_weight(w)``
-    (dense, or prepacked for the ``[1, 16*Ci, chunk, 1]`` GEMM input as the inference path caches
-    it); channels_last in and out."""
-    chunk = chunk or winograd_chunk(x)
-    return torch.ops.resfuse.winograd_conv(x, _packed(x, u, chunk), bias, residual, relu, chunk)
+def winograd_forward(x, u, bias=None, residual=None, relu=False, chunk=None, tile: int = 2):
+    """``act(conv3x3(x) + bias + residual)`` (stride 1, padding 1) from ``u = winograd_weight(w,
+    tile=tile)`` (dense, or prepacked for the ``[1, P*Ci, chunk, 1]`` GEMM input as the inference path
+    caches it); channels_last in and out."""
+    chunk = chunk or winograd_chunk(x, tile)
+    return torch.ops.resfuse.winograd_conv(x, _packed(x, u, chunk, tile), bias, residual, relu, chunk, tile)
 
 
-def winograd_weight_grad(gy, x):
+def winograd_weight_grad(gy, x, tile: int = 2):
     """The weight gradient ``[Co, Ci, 3, 3]`` (channels_last) of a 3x3 stride-1 convolution as
     ``G^T (dL/dU) G``, with ``dL/dU = sum_t V_t^T M_t`` over the Winograd tiles from
-    ``resfuse::winograd_weight_grad`` — 16 GEMMs over the tiles where the direct gradient does 9 over
-    4x as many output positions (1 thread, batch 8: 128@28² 13.4 vs 17.9 ms through oneDNN, 256@14²
-    13.7 vs 18.1 ms; slower on 7x7 and smaller maps, where the tiles are mostly padding)."""
+    ``resfuse::winograd_weight_grad`` — for F(2x2), 16 GEMMs over the tiles where the direct gradient
+    does 9 over 4x as many output positions (1 thread, batch 8: 128@28² 13.4 vs 17.9 ms through oneDNN,
+    256@14² 13.7 vs 18.1 ms; slower on 7x7 and smaller maps, where the tiles are mostly padding)."""
     co, ci = gy.shape[1], x.shape[1]
     # tiles per chunk: the chunk's transformed tiles within 2 MiB (32-256 tiles; measured within ~10 %
     # of the best chunk at 1 and 2 threads for 64-256 channels) — they add to a train step's peak
-    chunk = max(32, min(256, (2 << 20) // (16 * (ci + co) * x.element_size())))
-    du = torch.ops.resfuse.winograd_weight_grad(gy, x, chunk)  # [16, Co, Ci]
+    chunk = max(32, min(256, (2 << 20) // (points(tile) * (ci + co) * x.element_size())))
+    du = torch.ops.resfuse.winograd_weight_grad(gy, x, chunk, tile)  # [P, Co, Ci]
     # G^T dU G for every (co, ci) as one batched GEMM whose [Co, 9, Ci] result is the channels_last gw
-    return torch.matmul(_kron_g(x.dtype).t(), du.permute(1, 0, 2)).view(co, 3, 3, ci).permute(0, 3, 1, 2)
+    return torch.matmul(_kron_g(x.dtype, tile).t(), du.permute(1, 0, 2)).view(co, 3, 3, ci).permute(0, 3, 1, 2)
 
 
-def _winograd_training(x, w, transpose: bool):
-    """Winograd with a weight that changes every step: the dense transform (16/9 of the weight) is
+def _winograd_training(x, w, transpose: bool, tile: int):
+    """Winograd with a weight that changes every step: the dense transform (P/9 of the weight) is
     freed once packed, before the convolution runs, so a train step's peak sees one copy."""
-    chunk = winograd_chunk(x)
-    u = _packed(x, winograd_weight(w, transpose), chunk)
-    return torch.ops.resfuse.winograd_conv(x, u, None, None, False, chunk)
+    chunk = winograd_chunk(x, tile)
+    u = _packed(x, winograd_weight(w, transpose, tile), chunk, tile)
+    return torch.ops.resfuse.winograd_conv(x, u, None, None, False, chunk, tile)
 
 
 if _extension.LOADED:
@@ -412,10 +428,11 @@ if _extension.LOADED:
         return input.new_empty(shape).contiguous(memory_format=torch.channels_last)
 
     @torch.library.register_fake("resfuse::winograd_weight_grad")
-    def _winograd_weight_grad_fake(grad_output, input, chunk):
-        return input.new_empty((16, grad_output.shape[1], input.shape[1]))
+    def _winograd_weight_grad_fake(grad_output, input, chunk, tile):
+        return input.new_empty((points(tile), grad_output.shape[1], input.shape[1]))
 
     @torch.library.register_fake("resfuse::winograd_conv")
-    def _winograd_conv_fake(input, weight, bias, residual, relu, chunk):
+    def _winograd_conv_fake(input, weight, bias, residual, relu, chunk, tile):
         n, _, h, w = input.shape
-        return input.new_empty((n, weight.shape[0] // 16, h, w)).contiguous(memory_format=torch.channels_last)
+        return input.new_empty((n, weight.shape[0] // points(tile), h, w)).contiguous(
+            memory_format=torch.channels_last)

@@ -1,9 +1,9 @@
 """The ``cpu`` backend's inference fast path (oneDNN fused convolution with prepacked weights) and its
 portable fallback (ATen conv + resfuse ``bn_act``): same results, cache invalidation, both paths.
 
-Every functional test runs three times, through the ``path`` fixture: ``onednn`` (skipped where the
-private ops are missing or fail their probe), ``winograd`` (the same with the Winograd F(2x2, 3x3)
-convolution forced wherever it applies) and ``portable`` (forced with ``resfuse.cpu_backend.portable()``).
+Every functional test runs four times, through the ``path`` fixture: ``onednn`` (skipped where the
+private ops are missing or fail their probe), ``winograd`` / ``winograd4`` (the same with the Winograd
+F(2x2, 3x3) / F(4x4, 3x3) convolution forced wherever it applies) and ``portable`` (forced with ``resfuse.cpu_backend.portable()``).
 The environment switch ``RESFUSE_CPU_PORTABLE=1`` and the missing-ops fallback are tested separately.
 """
 import copy
@@ -33,7 +33,7 @@ def _onednn_reason():
         return cpu_backend.onednn_status()
 
 
-@pytest.fixture(params=["onednn", "winograd", "portable"])
+@pytest.fixture(params=["onednn", "winograd", "winograd4", "portable"])
 def path(request):
     """Run the test on one of the inference paths of the cpu backend: the oneDNN fused convolution,
     the same with Winograd forced wherever it applies (3x3 stride-1 fp32 channels_last layers), and
@@ -42,7 +42,7 @@ def path(request):
         reason = _onednn_reason()
         if reason is not None:
             pytest.skip(f"oneDNN fast path unavailable: {reason}")
-    cpu_conv.set_algo("winograd" if request.param == "winograd" else "onednn")
+    cpu_conv.set_algo("onednn" if request.param == "portable" else request.param)
     try:
         with resfuse.use_backend("cpu"), cpu_backend.portable(request.param == "portable"):
             yield request.param

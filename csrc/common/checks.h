@@ -246,7 +246,7 @@ inline void check_max_pool_act_backward_args(const at::Tensor& grad_output, cons
   check_same_device(op, "argmax", argmax, "input", input);
 }
 
-// Winograd F(2x2, 3x3) transforms (CPU): float32/float64 only.
+// Winograd F(m x m, 3x3) transforms (CPU): float32/float64 only; m = tile = 2 or 4.
 inline void check_winograd_dtype(const char* op, const char* name, const at::Tensor& t) {
   TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op, ": ", name,
               " must be float32 or float64, got ", t.scalar_type());
@@ -260,9 +260,14 @@ inline void check_winograd_activation(const char* op, const char* name, const at
               " must be dense channels_last, got strides ", t.strides());
 }
 
+inline void check_winograd_tile(const char* op, int64_t tile) {
+  TORCH_CHECK(tile == 2 || tile == 4, op, ": tile must be 2 (F(2x2, 3x3)) or 4 (F(4x4, 3x3)), got ", tile);
+}
+
 inline void check_winograd_weight_grad_args(const at::Tensor& grad_output, const at::Tensor& input,
-                                            int64_t chunk) {
+                                            int64_t chunk, int64_t tile) {
   constexpr const char* op = "resfuse::winograd_weight_grad";
+  check_winograd_tile(op, tile);
   check_winograd_activation(op, "input", input);
   check_4d(op, "grad_output", grad_output);
   check_same_device(op, "grad_output", grad_output, "input", input);
@@ -277,16 +282,18 @@ inline void check_winograd_weight_grad_args(const at::Tensor& grad_output, const
 
 inline void check_winograd_conv_args(const at::Tensor& input, const at::Tensor& weight,
                                      const std::optional<at::Tensor>& bias,
-                                     const std::optional<at::Tensor>& residual, int64_t chunk) {
+                                     const std::optional<at::Tensor>& residual, int64_t chunk, int64_t tile) {
   constexpr const char* op = "resfuse::winograd_conv";
   check_winograd_activation(op, "input", input);
-  TORCH_CHECK(weight.dim() == 4 && weight.size(0) % 16 == 0 && weight.size(1) == input.size(1) &&
+  check_winograd_tile(op, tile);
+  const int64_t P = (tile + 2) * (tile + 2);
+  TORCH_CHECK(weight.dim() == 4 && weight.size(0) % P == 0 && weight.size(1) == input.size(1) &&
                   weight.size(2) == 1 && weight.size(3) == 1,
-              op, ": weight must be the transformed weight [16*Co, Ci, 1, 1] with Ci = ", input.size(1),
-              ", got ", weight.sizes());
+              op, ": weight must be the transformed weight [", P, "*Co, Ci, 1, 1] (tile ", tile, ") with Ci = ",
+              input.size(1), ", got ", weight.sizes());
   check_same_dtype(op, "weight", weight, "input", input);
   TORCH_CHECK(chunk > 0, op, ": chunk must be positive, got ", chunk);
-  const int64_t co = weight.size(0) / 16;
+  const int64_t co = weight.size(0) / P;
   if (bias) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == co, op, ": bias must have shape [Co] = [", co,
                 "], got ", bias->sizes());
