@@ -366,17 +366,19 @@ def winograd_weight(w, transpose: bool = False, tile: int = 2):
 
 
 def winograd_chunk(x, tile: int = 2) -> int:
-    """Tiles per chunk of :func:`winograd_forward`: the tiles split into equal chunks of at most
-    ``2048 / P`` (more than 64 channels, one thread) or ``4096 / P`` tiles (128 or 256 for F(2x2)),
-    so that a chunk's transformed input and GEMM output stay in cache, and no chunk is mostly padding
-    (the last chunk's missing tiles are computed as zeros). Measured for F(2x2) (fp32, bias + ReLU,
-    chunk targets 64-512 swept at 1 and 2 threads): 8x256x14x14 (392 tiles), 1 thread: 9.0 ms in 4
-    chunks of 98 against 11.8 ms in chunks of 128 (the last one 8/128 full); 1x64x56x56 (784 tiles):
-    1.26 ms in 4 of 196, 1.43 in one chunk; 2 threads prefer the larger chunks (8x128x28x28: 4.57 ms
-    at 224, 5.04 at 121)."""
+    """Tiles per chunk of :func:`winograd_forward`: the tiles split into equal chunks of at most 128
+    (more than 64 channels, one thread) or 256 tiles, so that a chunk's transformed input and GEMM
+    output stay in cache, and no chunk is mostly padding (the last chunk's missing tiles are computed
+    as zeros). Measured (fp32, bias + ReLU, chunk targets 16-512 swept at 1 and 2 threads):
+    F(2x2): 8x256x14x14 (392 tiles), 1 thread: 9.0 ms in 4 chunks of 98 against 11.8 ms in chunks of
+    128 (the last one 8/128 full); 1x64x56x56 (784 tiles): 1.26 ms in 4 of 196, 1.43 in one chunk;
+    2 threads prefer the larger chunks (8x128x28x28: 4.57 ms at 224, 5.04 at 121). F(4x4) (36 points
+    per tile, so 2.25x the bytes per tile) wants the same tile counts: 2 threads, 8x64x28x28: 0.93 ms
+    in chunks of 196 against 1.71 in chunks of 98; 8x64x56x56: 3.9 ms at 224 against 6.5 at 121;
+    1 thread, 4x128x28x28: 2.65 ms at 98, 2.9 at 40-66."""
     n, c, h, w = x.shape
     tiles = n * -(-h // tile) * -(-w // tile)
-    target = (2048 if c > 64 and torch.get_num_threads() == 1 else 4096) // points(tile)
+    target = 128 if c > 64 and torch.get_num_threads() == 1 else 256
     return -(-tiles // -(-tiles // target))
 
 
