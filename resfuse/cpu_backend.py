@@ -1,5 +1,5 @@
 """The ``cpu`` backend: resfuse's C++ kernels (``csrc/cpu``) for the BN/ReLU/add passes; convolutions
-through oneDNN (ATen), one GEMM or Winograd F(2x2, 3x3), chosen per shape by measurement
+through oneDNN (ATen), one GEMM or Winograd F(2x2, 3x3) / F(4x4, 3x3), chosen per shape by measurement
 (:mod:`resfuse.cpu_conv`).
 
 Two paths for the inference form ``conv_bias_act`` (BN already folded into ``w`` and ``bias``):
@@ -220,7 +220,8 @@ class CpuBackend(Backend):
     def conv_bias_act(self, x, w, bias, geom: ConvGeom, residual=None, relu=True):
         """``act(conv(x, w) + bias[c] + residual)``: one oneDNN call when the fast path applies, or
         — for a 3x3 stride-1 fp32 channels_last layer where it measured faster on the first call —
-        a Winograd F(2x2, 3x3) convolution with bias, residual and ReLU in its output transform."""
+        a Winograd F(2x2, 3x3) or F(4x4, 3x3) convolution with bias, residual and ReLU in its output
+        transform."""
         if not self._fast(x, w, bias, residual):
             return super().conv_bias_act(x, w, bias, geom, residual, relu)
         cands = {"onednn": lambda: self._onednn_bias_act(x, w, bias, geom, residual, relu)}

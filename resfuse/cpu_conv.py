@@ -1,5 +1,5 @@
-"""Convolutions of the ``cpu`` backend: oneDNN (ATen), one GEMM, or Winograd F(2x2, 3x3), chosen per
-shape by measurement.
+"""Convolutions of the ``cpu`` backend: oneDNN (ATen), one GEMM, or Winograd F(2x2, 3x3) / F(4x4, 3x3),
+chosen per shape by measurement.
 
 oneDNN's direct convolutions run near this CPU's peak (~115 GFLOP/s fp32 on one core of the 2-core
 AMD EPYC here) where the spatial extent is large, and poorly where it is small: measured (torch 2.13,
@@ -7,8 +7,11 @@ fp32, 1 thread, batch 8, channels_last) the weight gradient of ResNet-50's 3x3 5
 map takes 12.3 ms through ATen — most of it a reorder of the blocked weight gradient back to
 ``[Co, kh, kw, Ci]`` — and 7.2 ms as one GEMM; the 1x1 stride-2 1024->2048 projection takes 11.2 ms
 forward / 15.5 ms weight gradient through ATen and 6.8 / 6.0 ms as a GEMM. For 3x3 stride-1 layers,
-Winograd F(2x2, 3x3) needs 16/36 of the multiply-adds (``csrc/cpu/winograd.cpp``): 4x256x14x14 with
-bias, residual and ReLU takes 5.9 ms against 9.2 ms for oneDNN's fused convolution. Which one wins
+Winograd F(2x2, 3x3) needs 16/36 of the multiply-adds and F(4x4, 3x3) 9/36 (``csrc/cpu/winograd.cpp``):
+with bias and ReLU, 1 thread, 4x128x28x28 takes 8.3 ms through oneDNN's fused convolution, 4.9 ms as
+F(2x2) and 3.1 ms as F(4x4); 1x256x14x14 1.91 / 1.36 / 0.90 ms; but 1x512x7x7 2.0 / 1.85 / 2.6 ms
+(4 tiles: the 36 GEMMs have 4 rows each, and the transformed weight, 4x the weight, is read per
+call). Which one wins
 depends on the shape, the batch, the thread count and the CPU, so nothing is hard-coded: the first
 call of each shape times every candidate (``min`` of three runs each, after one warm-up run) and the
 fastest is kept for the process, like ``torch.backends.cudnn.benchmark``. A candidate must be 5 %
@@ -27,18 +30,19 @@ gather of ``x`` (a *view* of ``x`` for a 1x1 stride-1 convolution, a copy otherw
 Winograd (3x3, stride 1, padding 1, one group, float32 channels_last): forward, the input gradient
 as the forward convolution of ``gy`` by the rotated, transposed weight, the weight gradient from the
 transformed input and output-gradient tiles (:func:`winograd_weight_grad`); in inference (``cpu_backend``)
-with the transformed weight cached and prepacked per folded weight. Its fp32 rounding error measured
-like the direct convolution's (~4e-7 relative to float64); a non-finite input makes the 2x2 output
-blocks of the tiles that read it non-finite (NaN), a superset of eager's — ``onednn`` keeps eager's
-pattern exactly.
+with the transformed weight cached and prepacked per folded weight. fp32 rounding error against
+float64: F(2x2) like the direct convolution's (~4e-7 relative), F(4x4) ~3x that (1-3e-6 measured
+over 5-512 channels; its transforms scale by up to 8), inside the 1e-5 single-op bar either way. A
+non-finite input makes the output blocks of the tiles that read it non-finite (NaN), a superset of
+eager's — ``onednn`` keeps eager's pattern exactly.
 
 Results keep the layouts of their operands (channels_last in, channels_last out), so autograd never
 re-lays out a weight gradient. Accumulation is the GEMM's (fp32 for fp32/bf16/fp16, fp64 for fp64).
 
 Where no alternative applies (grouped convolution, NCHW activations or weights, a forward im2col
 buffer above :data:`MAX_COLS_BYTES`) or while ``torch.compile`` traces, ATen runs without a trial.
-``RESFUSE_CPU_CONV=onednn|gemm|winograd|auto`` (read at import) or :func:`set_algo` force a choice
-(``gemm``/``winograd`` = wherever it applies; the tests run each). :func:`choices` lists what was
+``RESFUSE_CPU_CONV=onednn|gemm|winograd|winograd4|auto`` (read at import) or :func:`set_algo` force a
+choice (``gemm``/``winograd``/``winograd4`` = wherever it applies; the tests run each). :func:`choices` lists what was
 picked.
 """
 from __future__ import annotations
@@ -81,8 +85,8 @@ _lock = threading.Lock()
 
 
 def set_algo(name: Optional[str]) -> None:
-    """Force ``"onednn"``, ``"gemm"`` or ``"winograd"`` (the latter two wherever they apply, oneDNN
-    elsewhere), or measure per shape (``"auto"``); ``None`` goes back to ``RESFUSE_CPU_CONV``.
+    """Force ``"onednn"``, ``"gemm"``, ``"winograd"`` (F(2x2, 3x3)) or ``"winograd4"`` (F(4x4, 3x3))
+    (the last three wherever they apply, oneDNN elsewhere), or measure per shape (``"auto"``); ``None`` goes back to ``RESFUSE_CPU_CONV``.
     Clears the per-shape choices. Process-wide."""
     global _algo
     if name is not None and name not in ALGOS:
