@@ -276,4 +276,11 @@ except ImportError:  # pragma: no cover - running as a script without pytest
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # Leave without interpreter finalization: gloo's worker threads can still hold finished work objects
+    # whose tensors reference Python when the interpreter tears down, which aborts the process
+    # ("terminate called without an active exception", seen once in CI at exit, after all output and
+    # destroy_process_group; pytorch/pytorch#179291 describes the teardown race). Output is flushed first.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
