@@ -32,7 +32,7 @@
 #include <ATen/core/stack.h>
 #include <ATen/ops/conv2d.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
+#include <ATen/ops/mm.h>
 #include <torch/library.h>
 
 #include <optional>
@@ -314,7 +314,7 @@ at::Tensor winograd_weight_grad_impl(const at::Tensor& grad_output, const at::Te
   chunk = std::min(chunk, g.T);
   at::Tensor v = at::empty({chunk, P, Ci}, input.options());
   at::Tensor mg = at::empty({chunk, P, Co}, input.options());
-  at::Tensor du = at::zeros({P, Co, Ci}, input.options());
+  at::Tensor du = at::empty({P, Co, Ci}, input.options());  // the first chunk writes it, the others add
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "resfuse::winograd_weight_grad", [&] {
     const scalar_t* x = input.const_data_ptr<scalar_t>();
     const scalar_t* gy = grad_output.const_data_ptr<scalar_t>();
@@ -328,7 +328,14 @@ at::Tensor winograd_weight_grad_impl(const at::Tensor& grad_output, const at::Te
       });
       const at::Tensor vr = v.narrow(0, 0, rows), mr = mg.narrow(0, 0, rows);
       at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
-        for (int64_t p = p0; p < p1; ++p) du.select(0, p).addmm_(mr.select(1, p).t(), vr.select(1, p));
+        for (int64_t p = p0; p < p1; ++p) {
+          at::Tensor dup = du.select(0, p);
+          if (base == 0) {
+            at::mm_out(dup, mr.select(1, p).t(), vr.select(1, p));
+          } else {
+            dup.addmm_(mr.select(1, p).t(), vr.select(1, p));
+          }
+        }
       });
     }
   });
