@@ -58,7 +58,7 @@ _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 #: environment variable forcing the portable path (``1``/``true``/``yes``)
 ENV_PORTABLE = "RESFUSE_CPU_PORTABLE"
 _PACK_ATTR = "_resfuse_onednn_pack"  # attribute of a folded weight tensor: {key: packed weight}
-_WINO_ATTR = "_resfuse_winograd"  # attribute of a folded weight tensor: (version, {tile: Winograd U})
+_WINO_ATTR = "_resfuse_winograd"  # attribute of a folded weight tensor: {key: packed Winograd U}
 _MAX_PACKS = 4  # packed copies kept per folded weight (one per input shape seen), oldest dropped
 
 
@@ -229,7 +229,11 @@ class CpuBackend(Backend):
             for tile, name in cpu_conv.WINOGRAD.items():
                 cands[name] = functools.partial(self._winograd_bias_act, x, w, bias, residual, relu, tile)
         key = (tuple(x.shape), tuple(w.shape), geom, x.dtype, residual is not None, relu)
-        return cpu_conv.pick("inference", key, cands)
+        if len(cands) == 1 or cpu_conv.decided("inference", key, cands) is not None:
+            return cpu_conv.pick("inference", key, cands)
+        y = cpu_conv.pick("inference", key, cands)  # the trial: every candidate ran once at least
+        _forget_losers(w, keep=cpu_conv.decided("inference", key, cands))
+        return y
 
     def _onednn_bias_act(self, x, w, bias, geom: ConvGeom, residual, relu):
         ops = _ONEDNN
@@ -251,12 +255,10 @@ class CpuBackend(Backend):
         return y
 
     def _winograd_bias_act(self, x, w, bias, residual, relu, tile):
-        """Winograd F(tile x tile, 3x3) with the transformed weight cached on ``w`` and prepacked for
-        oneDNN (the GEMMs: one P-group 1x1 convolution)."""
+        """Winograd F(tile x tile, 3x3) with the transformed weight prepacked for oneDNN (the GEMMs:
+        one P-group 1x1 convolution) and cached on ``w``."""
         chunk = cpu_conv.winograd_chunk(x, tile)
-        p = cpu_conv.points(tile)
-        pu = self._packed(_winograd_u(w, tile), ConvGeom((1, 1), (0, 0), (1, 1), p),
-                          (1, p * x.shape[1], chunk, 1), x.dtype)
+        pu = _winograd_packed(w, tile, (1, cpu_conv.points(tile) * x.shape[1], chunk, 1))
         return cpu_conv.winograd_forward(x, pu, bias, residual, relu, chunk, tile)
 
     def _fast(self, x, w, bias, residual) -> bool:
@@ -298,21 +300,50 @@ class CpuBackend(Backend):
         return pw
 
 
-def _winograd_u(w: torch.Tensor, tile: int = 2) -> torch.Tensor:
-    """``cpu_conv.winograd_weight(w, tile=tile)``, cached on the (folded, inference) weight ``w`` like
-    the oneDNN packs and guarded by its version counter."""
-    hit = getattr(w, _WINO_ATTR, None)
-    if hit is None or hit[0] != w._version:
-        hit = (w._version, {})
+def _forget_losers(w: torch.Tensor, keep: str) -> None:
+    """Drop the packed weights of the forms that lost the trial on ``w`` (``keep`` won): a Winograd
+    transform is P/9 of the weight (4x for F(4x4)), oneDNN's pack 1x — for resnet50 every 3x3 layer
+    would otherwise keep all three (resnet50, batch 1, RSS growth over warm-up: +412 MiB when every
+    form's dense and packed transform stayed cached, +239 MiB with only the winners' packs). A later
+    shape that chooses a dropped form packs it again, once."""
+    for attr in (_WINO_ATTR, _PACK_ATTR):
+        cache = getattr(w, attr, None)
+        if cache is None:
+            continue
+        for k in [k for k in cache if k != "version"]:
+            name = cpu_conv.WINOGRAD[k[0]] if attr == _WINO_ATTR else "onednn"
+            if name != keep:
+                del cache[k]
+
+
+def _winograd_packed(w: torch.Tensor, tile: int, gemm_input: tuple) -> torch.Tensor:
+    """``cpu_conv.winograd_weight(w, tile=tile)`` prepacked for the ``[1, P*Ci, chunk, 1]`` GEMM input
+    ``gemm_input``, cached on the (folded, inference) weight ``w`` like the oneDNN packs: guarded by
+    its version counter, at most :data:`_MAX_PACKS` per weight. Only packs are kept, not the dense
+    transform (it is recomputed for a new shape: one small GEMM). A weight seen for the first time
+    gets the dense transform, unpacked, as in :meth:`CpuBackend._packed`: a per-call weight never pays
+    a pack."""
+    cache = getattr(w, _WINO_ATTR, None)
+    first = cache is None or cache.get("version") != w._version
+    if first:
+        cache = {"version": w._version}
         try:
-            setattr(w, _WINO_ATTR, hit)
+            setattr(w, _WINO_ATTR, cache)
         except (AttributeError, RuntimeError):
             pass
-    u = hit[1].get(tile)
-    if u is None:
-        with torch.no_grad():
-            u = hit[1][tile] = cpu_conv.winograd_weight(w, tile=tile)
-    return u
+    pu = cache.get((tile, gemm_input))
+    if pu is not None:
+        return pu
+    with torch.no_grad():
+        u = cpu_conv.winograd_weight(w, tile=tile)
+        if first or w.dtype != torch.float32:
+            return u
+        pu = _ONEDNN.reorder(u, [0, 0], [1, 1], [1, 1], cpu_conv.points(tile), list(gemm_input))
+    packs = [k for k in cache if k != "version"]
+    if len(packs) >= _MAX_PACKS:
+        del cache[packs[0]]
+    cache[(tile, gemm_input)] = pu
+    return pu
 
 
 register_backend("cpu", CpuBackend)

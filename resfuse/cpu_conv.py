@@ -248,7 +248,7 @@ def pick(op: str, key: tuple, candidates: Dict[str, Callable[[], torch.Tensor]])
     measured on the first call of each ``key`` (one warm-up run, then the best of three per
     candidate, run round-robin; any other candidate must beat the preferred one — oneDNN, the per-tap
     GEMM for weight gradients — by 5 %)."""
-    choice = _decided(op, key, candidates)
+    choice = decided(op, key, candidates)
     if choice is not None:
         return candidates[choice]()
     key = (op, *key, torch.get_num_threads())
@@ -267,8 +267,9 @@ def pick(op: str, key: tuple, candidates: Dict[str, Callable[[], torch.Tensor]])
     return results[choice]
 
 
-def _decided(op: str, key: tuple, candidates) -> Optional[str]:
-    """The algorithm :func:`pick` runs for ``op`` here, or None while it is still to be measured."""
+def decided(op: str, key: tuple, candidates) -> Optional[str]:
+    """The algorithm :func:`pick` runs for ``op`` (with ``key`` as given to it) among ``candidates``,
+    or None while it is still to be measured."""
     if len(candidates) == 1 or _algo == "onednn":
         return "onednn"
     if _algo != "auto":
@@ -315,7 +316,7 @@ def backward(gy, x, w, geom: ConvGeom, need_input=True, need_weight=True):
         cw = _candidates("weight_grad", x, w, geom, lambda: _aten_backward(gy, x, w, geom, False, True)[1],
                          lambda: gemm_weight_grad(gy, x, w, geom),
                          (lambda t: winograd_weight_grad(gy, x, t)) if _is_cl(gy) else None, x)
-    if ci and cw and _decided("input_grad", key, ci) == _decided("weight_grad", key, cw) == "onednn":
+    if ci and cw and decided("input_grad", key, ci) == decided("weight_grad", key, cw) == "onednn":
         return _aten_backward(gy, x, w, geom, True, True)
     return (pick("input_grad", key, ci) if ci else None), (pick("weight_grad", key, cw) if cw else None)
 

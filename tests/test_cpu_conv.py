@@ -150,17 +150,29 @@ def test_winograd_chunks_are_balanced(tile, shape, threads):
 
 
 def test_winograd_weight_is_cached_and_invalidated():
-    """The inference path transforms a folded weight once per tile size and again only after it
-    changes."""
+    """The inference path transforms and packs a folded weight once per tile size and GEMM input
+    (dense and unpacked at the weight's first sight), again only after the weight changes; the
+    results follow."""
     from resfuse import cpu_backend
-    w = _cl(8, 8, 3, 3, dtype=torch.float32)
-    u1, v1 = cpu_backend._winograd_u(w, 2), cpu_backend._winograd_u(w, 4)
-    assert cpu_backend._winograd_u(w, 2) is u1 and cpu_backend._winograd_u(w, 4) is v1
-    assert u1.shape == (16 * 8, 8, 1, 1) and v1.shape == (36 * 8, 8, 1, 1)
+    cpu_backend.onednn()
+    x, w = _cl(2, 8, 6, 6, dtype=torch.float32), _cl(8, 8, 3, 3, dtype=torch.float32)
+    for tile in (2, 4):
+        shape = (1, cpu_conv.points(tile) * 8, cpu_conv.winograd_chunk(x, tile), 1)
+        first = cpu_backend._winograd_packed(w, tile, shape)
+        # the weight's first sight (tile 2 here): dense; from then on packed, whatever the tile
+        assert first.is_mkldnn == (tile == 4)
+        assert first.is_mkldnn or first.shape == (cpu_conv.points(tile) * 8, 8, 1, 1)
+        packed = cpu_backend._winograd_packed(w, tile, shape)
+        assert packed.is_mkldnn and cpu_backend._winograd_packed(w, tile, shape) is packed
+        y = cpu_conv.winograd_forward(x, packed, tile=tile)
+        assert _rel(y, F.conv2d(x, w, None, 1, 1)) < WINO_TOL32[tile]
     with torch.no_grad():
         w.mul_(2)
-    u2, v2 = cpu_backend._winograd_u(w, 2), cpu_backend._winograd_u(w, 4)
-    assert u2 is not u1 and torch.allclose(u2, 2 * u1) and v2 is not v1 and torch.allclose(v2, 2 * v1)
+    for tile in (2, 4):
+        shape = (1, cpu_conv.points(tile) * 8, cpu_conv.winograd_chunk(x, tile), 1)
+        again = cpu_backend._winograd_packed(w, tile, shape)
+        again = cpu_backend._winograd_packed(w, tile, shape) if not again.is_mkldnn else again
+        assert _rel(cpu_conv.winograd_forward(x, again, tile=tile), F.conv2d(x, w, None, 1, 1)) < WINO_TOL32[tile]
 
 
 # ------------------------------------------------------------------------------------ selection
@@ -333,6 +345,26 @@ def test_inference_layer_uses_measured_choice(algo):
             assert _rel(out, want) < WINO_TOL32[4]
     assert next(v for k, v in cpu_conv.choices().items() if k[0] == "inference") in ("onednn", "winograd",
                                                                                       "winograd4")
+
+
+def test_inference_trial_keeps_only_the_chosen_transform(algo):
+    """After the first call of a shape (the trial), a folded weight keeps the packed weight of the
+    form that won only (the losers' Winograd transforms and oneDNN packs are dropped); a second input
+    shape, with its own trial, gets correct results whichever form it picks."""
+    from resfuse import cpu_backend
+    algo("auto")
+    be = backends.instance("cpu")[0]
+    w, b = _cl(16, 16, 3, 3, dtype=torch.float32), torch.randn(16)
+    for n in (2, 3):
+        x = _cl(n, 16, 12, 12, dtype=torch.float32)
+        with torch.no_grad():
+            out = be.conv_bias_act(x, w, b, WINO, None, True)
+        assert _rel(out, F.conv2d(x, w, b, 1, 1).relu()) < WINO_TOL32[4]
+        chosen = next(v for k, v in cpu_conv.choices().items() if k[0] == "inference" and k[1] == tuple(x.shape))
+        cached = {k[0] for k in getattr(w, cpu_backend._WINO_ATTR, {}) if k != "version"}
+        assert cached <= {t for t, name in cpu_conv.WINOGRAD.items() if name == chosen}
+        if chosen != "onednn":  # oneDNN's packs of w go too
+            assert set(getattr(w, cpu_backend._PACK_ATTR, {})) <= {"version"}
 
 
 @pytest.mark.parametrize("name", ["winograd", "winograd4"])
