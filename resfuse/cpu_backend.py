@@ -14,9 +14,10 @@ Two paths for the inference form ``conv_bias_act`` (BN already folded into ``w``
   model can never meet a stale packed weight; the pack dies with its folded weight.
   A weight seen for the first time is not packed (a per-call weight, e.g. the RiR layer's
   ``W_cat + I``, would otherwise be repacked on every call); from the second call on it is. For a 3x3
-  stride-1 fp32 channels_last layer the first call also times the Winograd form (transformed weight
-  cached and prepacked the same way, bias + residual + ReLU in its output transform) and keeps the
-  faster one.
+  stride-1 fp32 channels_last layer the first call also times the Winograd forms F(2x2, 3x3) and
+  F(4x4, 3x3) (transformed weight packed and cached the same way, bias + residual + ReLU in the
+  output transform) and keeps the fastest; the losers' packs are then dropped from the folded weight,
+  so each layer holds one packed form per input shape (a Winograd transform is 16/9 or 4x the weight).
 * **portable path** — ATen convolution + ``torch.ops.resfuse.bn_act`` (bias + residual + ReLU in one
   pass), i.e. :class:`resfuse.backends.Backend`'s composition. Used when the private ops are missing
   or fail the import-time probe, for dtypes oneDNN does not run here (float64; float16 without
