@@ -322,8 +322,8 @@ def _winograd_packed(w: torch.Tensor, tile: int, gemm_input: tuple) -> torch.Ten
     ``gemm_input``, cached on the (folded, inference) weight ``w`` like the oneDNN packs: guarded by
     its version counter, at most :data:`_MAX_PACKS` per weight. Only packs are kept, not the dense
     transform (it is recomputed for a new shape: one small GEMM). A weight seen for the first time
-    gets the dense transform, unpacked, as in :meth:`CpuBackend._packed`: a per-call weight never pays
-    a pack."""
+    gets the dense transform and nothing is cached, as in :meth:`CpuBackend._packed`: a per-call
+    weight (the RiR layer's) leaves no packs behind."""
     cache = getattr(w, _WINO_ATTR, None)
     first = cache is None or cache.get("version") != w._version
     if first:
