@@ -115,6 +115,25 @@ struct Tiles {
       : N(n), H(h), W(w), m(tile), th((h + tile - 1) / tile), tw((w + tile - 1) / tile), T(n * th * tw) {}
 };
 
+// The separable 2-D transform of an n x n block of channel vectors (point (r, b) = load(r, b)) by a
+// 1-D transform f (n vectors in, a out), applied column by column as the columns are loaded, then row
+// by row: the a x a result point (r, b) is stored at dst + (r * a + b) * C (k lanes).
+template <int n, int a, typename Vec, typename Load, typename F, typename scalar_t>
+void transform_store(Load load, F f, scalar_t* dst, int64_t C, int64_t k) {
+  Vec u[a][n];
+  for (int b = 0; b < n; ++b) {
+    Vec col[n], out[a];
+    for (int r = 0; r < n; ++r) col[r] = load(r, b);
+    f(col, out);
+    for (int r = 0; r < a; ++r) u[r][b] = out[r];
+  }
+  for (int r = 0; r < a; ++r) {
+    Vec row[a];
+    f(u[r], row);
+    for (int b = 0; b < a; ++b) row[b].store(dst + (r * a + b) * C, k);
+  }
+}
+
 // Tiles [t0, t1) of the image into v (row t - base of the chunk buffer); tiles past the last are zero.
 template <typename scalar_t, int m>
 void input_tiles(const scalar_t* x, scalar_t* v, const Tiles g, int64_t C, int64_t t0, int64_t t1,
@@ -140,21 +159,9 @@ void input_tiles(const scalar_t* x, scalar_t* v, const Tiles g, int64_t C, int64
     }
     for (int64_t c = 0; c < C; c += kV) {
       const int64_t k = std::min<int64_t>(kV, C - c);
-      Vec u[a][a];  // B^T d, column by column
-      for (int b = 0; b < a; ++b) {
-        Vec d[a];
-        for (int r = 0; r < a; ++r) {
-          d[r] = row_ok[r] && col_ok[b] ? Vec::loadu(x + (row_off[r] + b * C + c), k) : Vec(0);
-        }
-        Vec col[a];
-        W::in(d, col);
-        for (int r = 0; r < a; ++r) u[r][b] = col[r];
-      }
-      for (int r = 0; r < a; ++r) {  // (B^T d) B, row by row
-        Vec row[a];
-        W::in(u[r], row);
-        for (int b = 0; b < a; ++b) row[b].store(vt + (r * a + b) * C + c, k);
-      }
+      transform_store<a, a, Vec>(  // B^T d B
+          [&](int r, int b) { return row_ok[r] && col_ok[b] ? Vec::loadu(x + (row_off[r] + b * C + c), k) : Vec(0); },
+          [](const Vec* i, Vec* o) { W::in(i, o); }, vt + c, C, k);
     }
   }
 }
@@ -215,21 +222,9 @@ void grad_tiles(const scalar_t* gy, scalar_t* mg, const Tiles g, int64_t C, int6
     const int64_t off = ((n * g.H + m * i) * g.W + m * j) * C;
     for (int64_t c = 0; c < C; c += kV) {
       const int64_t k = std::min<int64_t>(kV, C - c);
-      Vec u[a][m];  // A g, column by column
-      for (int b = 0; b < m; ++b) {
-        Vec d[m];
-        for (int r = 0; r < m; ++r) {
-          d[r] = r < rows && b < cols ? Vec::loadu(gy + off + (r * g.W + b) * C + c, k) : Vec(0);
-        }
-        Vec col[a];
-        W::grad(d, col);
-        for (int r = 0; r < a; ++r) u[r][b] = col[r];
-      }
-      for (int r = 0; r < a; ++r) {  // (A g) A^T, row by row
-        Vec row[a];
-        W::grad(u[r], row);
-        for (int b = 0; b < a; ++b) row[b].store(mt + (r * a + b) * C + c, k);
-      }
+      transform_store<m, a, Vec>(  // A g A^T
+          [&](int r, int b) { return r < rows && b < cols ? Vec::loadu(gy + off + (r * g.W + b) * C + c, k) : Vec(0); },
+          [](const Vec* i, Vec* o) { W::grad(i, o); }, mt + c, C, k);
     }
   }
 }
