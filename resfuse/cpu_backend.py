@@ -230,10 +230,10 @@ class CpuBackend(Backend):
             for tile, name in cpu_conv.WINOGRAD.items():
                 cands[name] = functools.partial(self._winograd_bias_act, x, w, bias, residual, relu, tile)
         key = (tuple(x.shape), tuple(w.shape), geom, x.dtype, residual is not None, relu)
-        if len(cands) == 1 or cpu_conv.decided("inference", key, cands) is not None:
-            return cpu_conv.pick("inference", key, cands)
-        y = cpu_conv.pick("inference", key, cands)  # the trial: every candidate ran once at least
-        _forget_losers(w, keep=cpu_conv.decided("inference", key, cands))
+        trial = len(cands) > 1 and cpu_conv.decided("inference", key, cands) is None
+        y = cpu_conv.pick("inference", key, cands)
+        if trial:  # every candidate ran: drop what the losers cached on w
+            _forget_losers(w, keep=cpu_conv.decided("inference", key, cands))
         return y
 
     def _onednn_bias_act(self, x, w, bias, geom: ConvGeom, residual, relu):
@@ -259,8 +259,7 @@ class CpuBackend(Backend):
         """Winograd F(tile x tile, 3x3) with the transformed weight prepacked for oneDNN (the GEMMs:
         one P-group 1x1 convolution) and cached on ``w``."""
         chunk = cpu_conv.winograd_chunk(x, tile)
-        pu = _winograd_packed(w, tile, (1, cpu_conv.points(tile) * x.shape[1], chunk, 1))
-        return cpu_conv.winograd_forward(x, pu, bias, residual, relu, chunk, tile)
+        return cpu_conv.winograd_forward(x, _winograd_packed(w, x, tile, chunk), bias, residual, relu, chunk, tile)
 
     def _fast(self, x, w, bias, residual) -> bool:
         if onednn_status() is not None or torch.compiler.is_compiling():
@@ -277,28 +276,36 @@ class CpuBackend(Backend):
 
     @staticmethod
     def _packed(w: torch.Tensor, geom: ConvGeom, shape: tuple, dtype):
-        """``w`` prepacked for a channels_last input of ``shape`` (cached on ``w``); ``w`` itself on
-        first sight. (NCHW inputs get no packed weight: it makes oneDNN write NHWC, which would then
-        cost a copy back to NCHW per layer: measured 1.08x / 1.28x slower on resnet18 / resnet50.)"""
-        cache = getattr(w, _PACK_ATTR, None)
+        """``w`` prepacked for a channels_last input of ``shape`` (cached on ``w``, :func:`_cached_pack`);
+        ``w`` itself on first sight, where oneDNN reorders it internally. (NCHW inputs get no packed
+        weight: it makes oneDNN write NHWC, which would then cost a copy back to NCHW per layer:
+        measured 1.08x / 1.28x slower on resnet18 / resnet50.)"""
+        return _cached_pack(w, _PACK_ATTR, (shape, dtype, geom), lambda: w, lambda d: _ONEDNN.reorder(
+            d.contiguous(), list(geom.padding), list(geom.stride), list(geom.dilation), geom.groups, list(shape)))
+
+
+def _cached_pack(w: torch.Tensor, attr: str, key: tuple, dense, pack):
+    """``pack(dense())`` cached on the (folded, inference) weight ``w`` in its attribute ``attr`` under
+    ``key``: guarded by ``w``'s version counter (an in-place change starts over), at most
+    :data:`_MAX_PACKS` per attribute (the oldest dropped). At ``w``'s first sight ``dense()`` itself,
+    nothing cached: a per-call weight (e.g. the RiR layer's ``W_cat + I``) would otherwise be packed on
+    every call and leave its packs behind."""
+    cache = getattr(w, attr, None)
+    with torch.no_grad():
         if cache is None or cache.get("version") != w._version:
             try:
-                setattr(w, _PACK_ATTR, {"version": w._version})
+                setattr(w, attr, {"version": w._version})
             except (AttributeError, RuntimeError):
                 pass
-            # first sight (or changed in place): run unpacked; oneDNN reorders the weight internally
-            return w
-        key = (shape, dtype, geom)
-        pw = cache.get(key)
-        if pw is None:
-            with torch.no_grad():
-                pw = _ONEDNN.reorder(w.contiguous(), list(geom.padding), list(geom.stride),
-                                     list(geom.dilation), geom.groups, list(shape))
+            return dense()
+        packed = cache.get(key)
+        if packed is None:
+            packed = pack(dense())
             packs = [k for k in cache if k != "version"]
             if len(packs) >= _MAX_PACKS:
                 del cache[packs[0]]
-            cache[key] = pw
-        return pw
+            cache[key] = packed
+    return packed
 
 
 def _forget_losers(w: torch.Tensor, keep: str) -> None:
@@ -317,34 +324,12 @@ def _forget_losers(w: torch.Tensor, keep: str) -> None:
                 del cache[k]
 
 
-def _winograd_packed(w: torch.Tensor, tile: int, gemm_input: tuple) -> torch.Tensor:
-    """``cpu_conv.winograd_weight(w, tile=tile)`` prepacked for the ``[1, P*Ci, chunk, 1]`` GEMM input
-    ``gemm_input``, cached on the (folded, inference) weight ``w`` like the oneDNN packs: guarded by
-    its version counter, at most :data:`_MAX_PACKS` per weight. Only packs are kept, not the dense
-    transform (it is recomputed for a new shape: one small GEMM). A weight seen for the first time
-    gets the dense transform and nothing is cached, as in :meth:`CpuBackend._packed`: a per-call
-    weight (the RiR layer's) leaves no packs behind."""
-    cache = getattr(w, _WINO_ATTR, None)
-    first = cache is None or cache.get("version") != w._version
-    if first:
-        cache = {"version": w._version}
-        try:
-            setattr(w, _WINO_ATTR, cache)
-        except (AttributeError, RuntimeError):
-            pass
-    pu = cache.get((tile, gemm_input))
-    if pu is not None:
-        return pu
-    with torch.no_grad():
-        u = cpu_conv.winograd_weight(w, tile=tile)
-        if first or w.dtype != torch.float32:
-            return u
-        pu = _ONEDNN.reorder(u, [0, 0], [1, 1], [1, 1], cpu_conv.points(tile), list(gemm_input))
-    packs = [k for k in cache if k != "version"]
-    if len(packs) >= _MAX_PACKS:
-        del cache[packs[0]]
-    cache[(tile, gemm_input)] = pu
-    return pu
+def _winograd_packed(w: torch.Tensor, x: torch.Tensor, tile: int, chunk: int) -> torch.Tensor:
+    """``cpu_conv.winograd_weight(w, tile=tile)`` prepacked for ``x``'s GEMM input of ``chunk`` tiles,
+    cached on ``w`` like the oneDNN packs (:func:`_cached_pack`, keyed by ``(tile, chunk)``). Only
+    packs are kept, not the dense transform: it is recomputed for a new shape (one small GEMM)."""
+    return _cached_pack(w, _WINO_ATTR, (tile, chunk), lambda: cpu_conv.winograd_weight(w, tile=tile),
+                        lambda u: cpu_conv._packed(x, u, chunk, tile))
 
 
 register_backend("cpu", CpuBackend)

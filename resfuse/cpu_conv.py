@@ -282,17 +282,17 @@ def _key(x, w, geom: ConvGeom) -> tuple:
 
 
 def _candidates(op: str, x, w, geom: ConvGeom, onednn: Callable, gemm: Callable,
-                winograd: Optional[Callable[[int], torch.Tensor]] = None, wino_input=None, tiles=(2, 4)):
+                winograd: Optional[Callable[[int], torch.Tensor]] = None, wino_input=None):
     """The algorithms that can run ``op`` here; ``winograd(tile)`` runs F(tile x tile, 3x3) for each
-    of ``tiles``, ``wino_input`` is the tensor it transforms."""
+    tile size of :data:`WINOGRAD`, ``wino_input`` is the tensor it transforms."""
     c = {"onednn": onednn}
     if torch.compiler.is_compiling():
         return c
     if _gemm_applies(op, x, w, geom):
         c["gemm"] = gemm
     if winograd is not None and winograd_applies(wino_input, w, geom):
-        for t in tiles:
-            c[WINOGRAD[t]] = functools.partial(winograd, t)
+        for t, name in WINOGRAD.items():
+            c[name] = functools.partial(winograd, t)
     return c
 
 

@@ -157,21 +157,21 @@ def test_winograd_weight_is_cached_and_invalidated():
     cpu_backend.onednn()
     x, w = _cl(2, 8, 6, 6, dtype=torch.float32), _cl(8, 8, 3, 3, dtype=torch.float32)
     for tile in (2, 4):
-        shape = (1, cpu_conv.points(tile) * 8, cpu_conv.winograd_chunk(x, tile), 1)
-        first = cpu_backend._winograd_packed(w, tile, shape)
+        chunk = cpu_conv.winograd_chunk(x, tile)
+        first = cpu_backend._winograd_packed(w, x, tile, chunk)
         # the weight's first sight (tile 2 here): dense; from then on packed, whatever the tile
         assert first.is_mkldnn == (tile == 4)
         assert first.is_mkldnn or first.shape == (cpu_conv.points(tile) * 8, 8, 1, 1)
-        packed = cpu_backend._winograd_packed(w, tile, shape)
-        assert packed.is_mkldnn and cpu_backend._winograd_packed(w, tile, shape) is packed
+        packed = cpu_backend._winograd_packed(w, x, tile, chunk)
+        assert packed.is_mkldnn and cpu_backend._winograd_packed(w, x, tile, chunk) is packed
         y = cpu_conv.winograd_forward(x, packed, tile=tile)
         assert _rel(y, F.conv2d(x, w, None, 1, 1)) < WINO_TOL32[tile]
     with torch.no_grad():
         w.mul_(2)
     for tile in (2, 4):
-        shape = (1, cpu_conv.points(tile) * 8, cpu_conv.winograd_chunk(x, tile), 1)
-        again = cpu_backend._winograd_packed(w, tile, shape)
-        again = cpu_backend._winograd_packed(w, tile, shape) if not again.is_mkldnn else again
+        chunk = cpu_conv.winograd_chunk(x, tile)
+        again = cpu_backend._winograd_packed(w, x, tile, chunk)
+        again = cpu_backend._winograd_packed(w, x, tile, chunk) if not again.is_mkldnn else again
         assert _rel(cpu_conv.winograd_forward(x, again, tile=tile), F.conv2d(x, w, None, 1, 1)) < WINO_TOL32[tile]
 
 
