@@ -66,7 +66,7 @@ ALGOS = ("auto", "onednn", "gemm", "winograd", "winograd4")
 MAX_COLS_BYTES = 8 << 20
 _MARGIN = 0.95  # an alternative is chosen only if it takes < 95 % of the preferred one's time
 #: the candidate kept on a near-tie: oneDNN, except for weight gradients, where the per-tap GEMM holds
-#: far less memory (oneDNN's holds ~3 weight-sized buffers at once)
+#: far less memory (oneDNN's holds ~2 weight-sized buffers besides its result; see :func:`_scratch`)
 _PREFERRED = {"weight_grad": "gemm"}
 _TRIALS = 3  # timed runs per candidate at a first call (after one warm-up run); the best counts
 _MIN_TAP_CHANNELS = 32  # input channels below which the per-tap weight gradient is not tried
@@ -170,9 +170,9 @@ def gemm_weight_grad(gy, x, w, geom: ConvGeom):
     """``gw = gy^T @ cols`` without materialising ``cols``: a 1x1 stride-1 unpadded convolution is one
     GEMM on views; any other is ``resfuse::conv_weight_grad`` (csrc/cpu/conv_weight_grad.cpp): one
     GEMM per kernel tap, ``gw[:, :, i, j] = gy[valid]^T @ x[shifted]``, the taps in parallel, written
-    into their slices of the channels_last ``gw`` — at most an ``x``- and a ``gy``-sized copy per
-    thread instead of the ``kh*kw``-times larger im2col buffer (less memory than oneDNN's weight
-    gradient too, which holds ~3 weight-sized buffers)."""
+    into their slices of the channels_last ``gw``, each tap's positions gathered a few images or rows
+    at a time — small per-thread pieces instead of the ``kh*kw``-times larger im2col buffer (and
+    instead of the ~2 weight-sized buffers oneDNN's weight gradient holds besides its result)."""
     co, ci, kh, kw = w.shape
     if _view_gemm(w, geom):
         return (_g_mat(gy).t() @ _cols(x, w, geom)[0]).view(co, 1, 1, ci).permute(0, 3, 1, 2)
@@ -305,8 +305,12 @@ def forward(x, w, geom: ConvGeom):
 
 def backward(gy, x, w, geom: ConvGeom, need_input=True, need_weight=True):
     """``(grad_input | None, grad_weight | None)`` of ``conv2d(x, w)``; each in its operand's layout.
-    When oneDNN computes both, it does so in one ATen call (one primitive setup, one pass of
-    bookkeeping: ~3 % less than two calls for a 512-channel 3x3 layer on a 7x7 map)."""
+
+    The two gradients are separate calls (two oneDNN calls take the time of ATen's one for both,
+    within +-1 % over ResNet shapes), the one whose algorithm holds more scratch memory first, so its
+    scratch is gone before the other's result exists: oneDNN's weight gradient holds ~2 weight-sized
+    buffers, its input gradient ~1, so for a 256-channel 3x3 layer on a 14x14 map (batch 8) the pair
+    peaks 6.6 MiB above its inputs instead of 8.1 MiB in ATen's order (see :func:`_scratch`)."""
     key = _key(x, w, geom)
     ci = cw = None
     if need_input:
@@ -316,9 +320,28 @@ def backward(gy, x, w, geom: ConvGeom, need_input=True, need_weight=True):
         cw = _candidates("weight_grad", x, w, geom, lambda: _aten_backward(gy, x, w, geom, False, True)[1],
                          lambda: gemm_weight_grad(gy, x, w, geom),
                          (lambda t: winograd_weight_grad(gy, x, t)) if _is_cl(gy) else None, x)
-    if ci and cw and decided("input_grad", key, ci) == decided("weight_grad", key, cw) == "onednn":
-        return _aten_backward(gy, x, w, geom, True, True)
+    if ci and cw and (_scratch("weight_grad", decided("weight_grad", key, cw), x, w, gy)
+                      > _scratch("input_grad", decided("input_grad", key, ci), x, w, gy)):
+        gw = pick("weight_grad", key, cw)
+        return pick("input_grad", key, ci), gw
     return (pick("input_grad", key, ci) if ci else None), (pick("weight_grad", key, cw) if cw else None)
+
+
+def _scratch(op: str, algo: Optional[str], x, w, gy) -> int:
+    """Bytes of scratch memory (beyond its result) that ``algo`` holds while it computes ``op``,
+    as measured at batch 8 on ResNet shapes: oneDNN ~2 weights for a weight gradient, ~1 for an
+    input gradient (its reorders); the per-tap GEMM weight gradient a few small per-thread pieces
+    (0); a strided 1x1 GEMM input gradient its dense product; Winograd its transformed weight
+    (P/9 weights), twice for an input gradient (dense, then packed). 0 while still undecided."""
+    if algo is None:
+        return 0
+    wb = w.numel() * w.element_size()
+    if algo == "onednn":
+        return 2 * wb if op == "weight_grad" else wb
+    if algo == "gemm":
+        return 0 if op == "weight_grad" else gy.numel() // w.shape[0] * x.shape[1] * x.element_size()
+    tile = next(t for t, name in WINOGRAD.items() if name == algo)
+    return (1 if op == "weight_grad" else 2) * points(tile) * wb // 9
 
 
 # -- Winograd F(m x m, 3x3), m = 2 or 4: 3x3, stride 1, padding 1 (csrc/cpu/winograd.cpp) -------------

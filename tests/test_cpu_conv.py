@@ -217,25 +217,34 @@ def test_per_tap_weight_gradient_needs_input_channels():
     assert cpu_conv._gemm_applies("weight_grad", x3, _cl(8, 3, 1, 1, dtype=torch.float32), one)
 
 
-def test_onednn_input_and_weight_gradients_in_one_call(algo, monkeypatch):
-    """Both gradients on oneDNN: one ATen call computing both (same values as two calls)."""
-    algo("onednn")
+@pytest.mark.parametrize("name", ["onednn", "gemm"])
+def test_gradient_with_more_scratch_runs_first(algo, monkeypatch, name):
+    """The input and weight gradients are two calls, the one whose algorithm holds more scratch
+    memory first: oneDNN's weight gradient (~2 weights) before its input gradient (~1 weight); the
+    per-tap GEMM weight gradient (small pieces) after oneDNN's input gradient. Same values as ATen's
+    single call for both."""
+    algo(name)
     calls = []
-    real = cpu_conv._aten_backward
+    real, real_gemm = cpu_conv._aten_backward, cpu_conv.gemm_weight_grad
 
     def spy(gy, x, w, geom, need_input, need_weight):
-        calls.append((need_input, need_weight))
+        calls.append("input" if need_input else "weight")
         return real(gy, x, w, geom, need_input, need_weight)
 
+    def spy_gemm(*args):
+        calls.append("weight")
+        return real_gemm(*args)
+
     monkeypatch.setattr(cpu_conv, "_aten_backward", spy)
-    x, w = _cl(2, 8, 6, 6, dtype=torch.float32), _cl(16, 8, 3, 3, dtype=torch.float32)
-    gy = _cl(2, 16, 6, 6, dtype=torch.float32)
+    monkeypatch.setattr(cpu_conv, "gemm_weight_grad", spy_gemm)
+    x, w = _cl(2, 32, 6, 6, dtype=torch.float64), _cl(16, 32, 3, 3, dtype=torch.float64)
+    gy = _cl(2, 16, 6, 6, dtype=torch.float64)
     g = ConvGeom((1, 1), (1, 1), (1, 1), 1)
     gx, gw = cpu_conv.backward(gy, x, w, g, True, True)
-    assert calls == [(True, True)]
+    assert calls == (["weight", "input"] if name == "onednn" else ["input", "weight"])
     want_gx, want_gw = real(gy, x, w, g, True, True)
-    assert torch.equal(gx, want_gx) and torch.equal(gw, want_gw)
-    assert cpu_conv.backward(gy, x, w, g, False, True)[0] is None and calls[-1] == (False, True)
+    assert _rel(gx, want_gx) < 1e-12 and _rel(gw, want_gw) < 1e-12
+    assert cpu_conv.backward(gy, x, w, g, False, True)[0] is None and calls[-1] == "weight"
 
 
 @pytest.mark.parametrize("case", ["nchw", "groups", "float16"])
@@ -414,6 +423,10 @@ WGRAD_GEOMS = [  # (N, Ci, Co, H, W, (kh, kw), stride, padding, dilation)
     (2, 5, 7, 9, 7, (3, 3), (2, 1), (1, 0), (1, 1)), (1, 3, 70, 7, 9, (7, 5), (2, 2), (3, 2), (1, 1)),
     (2, 8, 6, 9, 9, (3, 3), (1, 1), (2, 2), (2, 2)), (3, 16, 65, 5, 5, (1, 1), (2, 2), (0, 0), (1, 1)),
     (1, 17, 3, 1, 1, (3, 3), (1, 1), (1, 1), (1, 1)), (2, 4, 96, 6, 6, (3, 3), (3, 3), (4, 4), (1, 1)),
+    # a tap's positions in pieces: of 5 images (3 pieces), of 17 rows of one 30x30 image (2 per
+    # image); 256 output channels: each tap in two channel ranges at 2 threads
+    (12, 128, 128, 10, 10, (3, 3), (1, 1), (1, 1), (1, 1)), (2, 128, 128, 30, 30, (3, 3), (1, 1), (1, 1), (1, 1)),
+    (2, 16, 256, 6, 6, (3, 3), (1, 1), (1, 1), (1, 1)),
 ]
 
 
