@@ -70,6 +70,9 @@ _MARGIN = 0.95  # an alternative is chosen only if it takes < 95 % of the prefer
 _PREFERRED = {"weight_grad": "gemm"}
 _TRIALS = 3  # timed runs per candidate at a first call (after one warm-up run); the best counts
 _MIN_TAP_CHANNELS = 32  # input channels below which the per-tap weight gradient is not tried
+#: oneDNN's input and weight gradients run as two calls (weight gradient first) only where that lowers
+#: the peak by at least this many bytes (see :func:`backward`)
+SPLIT_MIN_BYTES = 1 << 20
 
 
 def _env_algo() -> str:
@@ -306,11 +309,13 @@ def forward(x, w, geom: ConvGeom):
 def backward(gy, x, w, geom: ConvGeom, need_input=True, need_weight=True):
     """``(grad_input | None, grad_weight | None)`` of ``conv2d(x, w)``; each in its operand's layout.
 
-    The two gradients are separate calls (two oneDNN calls take the time of ATen's one for both,
-    within +-1 % over ResNet shapes), the one whose algorithm holds more scratch memory first, so its
-    scratch is gone before the other's result exists: oneDNN's weight gradient holds ~2 weight-sized
-    buffers, its input gradient ~1, so for a 256-channel 3x3 layer on a 14x14 map (batch 8) the pair
-    peaks 6.6 MiB above its inputs instead of 8.1 MiB in ATen's order (see :func:`_scratch`)."""
+    The two gradients are separate calls, the one whose algorithm holds more scratch memory first, so
+    its scratch is gone before the other's result exists: oneDNN's weight gradient holds ~2
+    weight-sized buffers, its input gradient ~1, so for a 256-channel 3x3 layer on a 14x14 map (batch
+    8) the pair peaks 6.6 MiB above its inputs instead of 8.1 MiB in ATen's order (see
+    :func:`_scratch`); two oneDNN calls take the time of ATen's one for both within +-1 % on ResNet
+    shapes, but ~60 us more on tiny ones, so where that order would save less than
+    :data:`SPLIT_MIN_BYTES` (it saves min(input, weight) bytes) both stay one ATen call."""
     key = _key(x, w, geom)
     ci = cw = None
     if need_input:
@@ -320,10 +325,13 @@ def backward(gy, x, w, geom: ConvGeom, need_input=True, need_weight=True):
         cw = _candidates("weight_grad", x, w, geom, lambda: _aten_backward(gy, x, w, geom, False, True)[1],
                          lambda: gemm_weight_grad(gy, x, w, geom),
                          (lambda t: winograd_weight_grad(gy, x, t)) if _is_cl(gy) else None, x)
-    if ci and cw and (_scratch("weight_grad", decided("weight_grad", key, cw), x, w, gy)
-                      > _scratch("input_grad", decided("input_grad", key, ci), x, w, gy)):
-        gw = pick("weight_grad", key, cw)
-        return pick("input_grad", key, ci), gw
+    if ci and cw:
+        algos = decided("input_grad", key, ci), decided("weight_grad", key, cw)
+        if algos == ("onednn", "onednn") and min(x.numel(), w.numel()) * x.element_size() < SPLIT_MIN_BYTES:
+            return _aten_backward(gy, x, w, geom, True, True)
+        if _scratch("weight_grad", algos[1], x, w, gy) > _scratch("input_grad", algos[0], x, w, gy):
+            gw = pick("weight_grad", key, cw)
+            return pick("input_grad", key, ci), gw
     return (pick("input_grad", key, ci) if ci else None), (pick("weight_grad", key, cw) if cw else None)
 
 

@@ -217,18 +217,21 @@ def test_per_tap_weight_gradient_needs_input_channels():
     assert cpu_conv._gemm_applies("weight_grad", x3, _cl(8, 3, 1, 1, dtype=torch.float32), one)
 
 
-@pytest.mark.parametrize("name", ["onednn", "gemm"])
-def test_gradient_with_more_scratch_runs_first(algo, monkeypatch, name):
+@pytest.mark.parametrize("name,split", [("onednn", 0), ("onednn", None), ("gemm", None)])
+def test_gradient_with_more_scratch_runs_first(algo, monkeypatch, name, split):
     """The input and weight gradients are two calls, the one whose algorithm holds more scratch
-    memory first: oneDNN's weight gradient (~2 weights) before its input gradient (~1 weight); the
-    per-tap GEMM weight gradient (small pieces) after oneDNN's input gradient. Same values as ATen's
-    single call for both."""
+    memory first: oneDNN's weight gradient (~2 weights) before its input gradient (~1 weight) — or
+    one ATen call for both where that order would save less than SPLIT_MIN_BYTES (these tiny
+    operands, by default); the per-tap GEMM weight gradient (small pieces) after oneDNN's input
+    gradient. Same values as ATen's single call for both."""
     algo(name)
+    if split is not None:
+        monkeypatch.setattr(cpu_conv, "SPLIT_MIN_BYTES", split)
     calls = []
     real, real_gemm = cpu_conv._aten_backward, cpu_conv.gemm_weight_grad
 
     def spy(gy, x, w, geom, need_input, need_weight):
-        calls.append("input" if need_input else "weight")
+        calls.append("both" if need_input and need_weight else "input" if need_input else "weight")
         return real(gy, x, w, geom, need_input, need_weight)
 
     def spy_gemm(*args):
@@ -241,7 +244,7 @@ def test_gradient_with_more_scratch_runs_first(algo, monkeypatch, name):
     gy = _cl(2, 16, 6, 6, dtype=torch.float64)
     g = ConvGeom((1, 1), (1, 1), (1, 1), 1)
     gx, gw = cpu_conv.backward(gy, x, w, g, True, True)
-    assert calls == (["weight", "input"] if name == "onednn" else ["input", "weight"])
+    assert calls == {"onednn": ["weight", "input"] if split == 0 else ["both"], "gemm": ["input", "weight"]}[name]
     want_gx, want_gw = real(gy, x, w, g, True, True)
     assert _rel(gx, want_gx) < 1e-12 and _rel(gw, want_gw) < 1e-12
     assert cpu_conv.backward(gy, x, w, g, False, True)[0] is None and calls[-1] == "weight"
