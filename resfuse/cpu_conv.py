@@ -84,6 +84,7 @@ def _env_algo() -> str:
 
 _algo = _env_algo()
 _choices: Dict[tuple, str] = {}
+_memo: Dict[tuple, str] = {}  # (op, *key, threads) -> what ran, forced and single-candidate cases too
 _lock = threading.Lock()
 
 
@@ -97,6 +98,7 @@ def set_algo(name: Optional[str]) -> None:
     _algo = _env_algo() if name is None else name
     with _lock:
         _choices.clear()
+        _memo.clear()
 
 
 def get_algo() -> str:
@@ -118,8 +120,9 @@ def forced(name: Optional[str]):
 
 
 def choices() -> Dict[tuple, str]:
-    """``{(op, x shape, w shape, geometry, dtype[, residual, relu], threads): algorithm}`` decided so
-    far under ``auto``; ``op`` is ``forward``, ``input_grad``, ``weight_grad`` or ``inference``."""
+    """``{(op, x shape, w shape, geometry, dtype, ..., threads): algorithm}`` decided so far under
+    ``auto``; ``op`` is ``forward``, ``input_grad``, ``weight_grad`` (then ``...`` = whether x, w and
+    the output gradient are channels_last) or ``inference`` (``...`` = residual given, relu)."""
     with _lock:
         return dict(_choices)
 
@@ -252,7 +255,10 @@ def pick(op: str, key: tuple, candidates: Dict[str, Callable[[], torch.Tensor]])
     candidate, run round-robin; any other candidate must beat the preferred one — oneDNN, the per-tap
     GEMM for weight gradients — by 5 %)."""
     choice = decided(op, key, candidates)
+    remember = op in _RUN and not torch.compiler.is_compiling()
     if choice is not None:
+        if remember:
+            _memo[(op, *key, torch.get_num_threads())] = choice
         return candidates[choice]()
     key = (op, *key, torch.get_num_threads())
     for fn in candidates.values():  # warm-up: primitive creation, weight packs, first touch
@@ -267,6 +273,8 @@ def pick(op: str, key: tuple, candidates: Dict[str, Callable[[], torch.Tensor]])
     choice = min(best, key=lambda n: best[n] / (1.0 if n == prefer else _MARGIN))
     with _lock:
         _choices[key] = choice
+        if remember:
+            _memo[key] = choice
     return results[choice]
 
 
@@ -280,30 +288,43 @@ def decided(op: str, key: tuple, candidates) -> Optional[str]:
     return _choices.get((op, *key, torch.get_num_threads()))
 
 
-def _key(x, w, geom: ConvGeom) -> tuple:
-    return (tuple(x.shape), tuple(w.shape), geom, x.dtype)
+def _key(x, w, geom: ConvGeom, gy=None) -> tuple:
+    """What a choice depends on: shapes, geometry, dtype and the operands' layouts (which decide
+    the candidates: GEMM and Winograd need channels_last)."""
+    return (tuple(x.shape), tuple(w.shape), geom, x.dtype, _is_cl(x), _is_cl(w), gy is None or _is_cl(gy))
 
 
-def _candidates(op: str, x, w, geom: ConvGeom, onednn: Callable, gemm: Callable,
-                winograd: Optional[Callable[[int], torch.Tensor]] = None, wino_input=None):
-    """The algorithms that can run ``op`` here; ``winograd(tile)`` runs F(tile x tile, 3x3) for each
-    tile size of :data:`WINOGRAD`, ``wino_input`` is the tensor it transforms."""
-    c = {"onednn": onednn}
-    if torch.compiler.is_compiling():
-        return c
-    if _gemm_applies(op, x, w, geom):
-        c["gemm"] = gemm
-    if winograd is not None and winograd_applies(wino_input, w, geom):
-        for t, name in WINOGRAD.items():
-            c[name] = functools.partial(winograd, t)
-    return c
+def _candidates(op: str, gy, x, w, geom: ConvGeom) -> Dict[str, Callable[[], torch.Tensor]]:
+    """The algorithms of :data:`_RUN` that can run ``op`` here (oneDNN only while torch.compile
+    traces), each bound to its operands."""
+    names = ["onednn"]
+    if not torch.compiler.is_compiling():
+        if _gemm_applies(op, x, w, geom):
+            names.append("gemm")
+        # Winograd transforms x (forward, weight gradient: with a channels_last gy) or gy
+        wino_input = gy if op == "input_grad" else x if op == "forward" or _is_cl(gy) else None
+        if wino_input is not None and winograd_applies(wino_input, w, geom):
+            names += WINOGRAD.values()
+    return {n: functools.partial(_RUN[op][n], gy, x, w, geom) for n in names}
+
+
+def _memoised(op: str, key: tuple) -> Optional[str]:
+    """The algorithm an earlier call of ``op`` on ``key`` ran (at this thread count), if any."""
+    return None if torch.compiler.is_compiling() else _memo.get((op, *key, torch.get_num_threads()))
+
+
+def _run(op: str, gy, x, w, geom: ConvGeom, key: tuple):
+    """``op`` by the algorithm it ran before on ``key`` — a dictionary lookup where building and
+    checking the candidates costs ~10 us a call — else chosen by :func:`pick`."""
+    name = _memoised(op, key)
+    if name is not None:
+        return _RUN[op][name](gy, x, w, geom)
+    return pick(op, key, _candidates(op, gy, x, w, geom))
 
 
 def forward(x, w, geom: ConvGeom):
     """``conv2d(x, w)`` without bias; output in ``x``'s memory format."""
-    return pick("forward", _key(x, w, geom), _candidates(
-        "forward", x, w, geom, lambda: aten_forward(x, w, geom), lambda: gemm_forward(x, w, geom),
-        lambda t: _winograd_training(x, w, False, t), x))
+    return _run("forward", None, x, w, geom, _key(x, w, geom))
 
 
 def backward(gy, x, w, geom: ConvGeom, need_input=True, need_weight=True):
@@ -316,23 +337,19 @@ def backward(gy, x, w, geom: ConvGeom, need_input=True, need_weight=True):
     :func:`_scratch`); two oneDNN calls take the time of ATen's one for both within +-1 % on ResNet
     shapes, but ~60 us more on tiny ones, so where that order would save less than
     :data:`SPLIT_MIN_BYTES` (it saves min(input, weight) bytes) both stay one ATen call."""
-    key = _key(x, w, geom)
-    ci = cw = None
-    if need_input:
-        ci = _candidates("input_grad", x, w, geom, lambda: _aten_backward(gy, x, w, geom, True, False)[0],
-                         lambda: gemm_input_grad(gy, x, w, geom), lambda t: _winograd_training(gy, w, True, t), gy)
-    if need_weight:
-        cw = _candidates("weight_grad", x, w, geom, lambda: _aten_backward(gy, x, w, geom, False, True)[1],
-                         lambda: gemm_weight_grad(gy, x, w, geom),
-                         (lambda t: winograd_weight_grad(gy, x, t)) if _is_cl(gy) else None, x)
-    if ci and cw:
-        algos = decided("input_grad", key, ci), decided("weight_grad", key, cw)
+    key = _key(x, w, geom, gy)
+    if need_input and need_weight:
+        algos = _memoised("input_grad", key), _memoised("weight_grad", key)
+        if None in algos:
+            algos = (decided("input_grad", key, _candidates("input_grad", gy, x, w, geom)),
+                     decided("weight_grad", key, _candidates("weight_grad", gy, x, w, geom)))
         if algos == ("onednn", "onednn") and min(x.numel(), w.numel()) * x.element_size() < SPLIT_MIN_BYTES:
             return _aten_backward(gy, x, w, geom, True, True)
         if _scratch("weight_grad", algos[1], x, w, gy) > _scratch("input_grad", algos[0], x, w, gy):
-            gw = pick("weight_grad", key, cw)
-            return pick("input_grad", key, ci), gw
-    return (pick("input_grad", key, ci) if ci else None), (pick("weight_grad", key, cw) if cw else None)
+            gw = _run("weight_grad", gy, x, w, geom, key)
+            return _run("input_grad", gy, x, w, geom, key), gw
+    return (_run("input_grad", gy, x, w, geom, key) if need_input else None,
+            _run("weight_grad", gy, x, w, geom, key) if need_weight else None)
 
 
 def _scratch(op: str, algo: Optional[str], x, w, gy) -> int:
@@ -457,6 +474,23 @@ def _winograd_training(x, w, transpose: bool, tile: int):
     chunk = winograd_chunk(x, tile)
     u = _packed(x, winograd_weight(w, transpose, tile), chunk, tile)
     return torch.ops.resfuse.winograd_conv(x, u, None, None, False, chunk, tile)
+
+
+#: the training-time algorithms of each op, called as ``fn(gy, x, w, geom)`` (``gy`` None for forward)
+_RUN: Dict[str, Dict[str, Callable]] = {
+    "forward": {"onednn": lambda gy, x, w, g: aten_forward(x, w, g),
+                "gemm": lambda gy, x, w, g: gemm_forward(x, w, g),
+                **{n: functools.partial(lambda t, gy, x, w, g: _winograd_training(x, w, False, t), t)
+                   for t, n in WINOGRAD.items()}},
+    "input_grad": {"onednn": lambda gy, x, w, g: _aten_backward(gy, x, w, g, True, False)[0],
+                   "gemm": lambda gy, x, w, g: gemm_input_grad(gy, x, w, g),
+                   **{n: functools.partial(lambda t, gy, x, w, g: _winograd_training(gy, w, True, t), t)
+                      for t, n in WINOGRAD.items()}},
+    "weight_grad": {"onednn": lambda gy, x, w, g: _aten_backward(gy, x, w, g, False, True)[1],
+                    "gemm": lambda gy, x, w, g: gemm_weight_grad(gy, x, w, g),
+                    **{n: functools.partial(lambda t, gy, x, w, g: winograd_weight_grad(gy, x, t), t)
+                       for t, n in WINOGRAD.items()}},
+}
 
 
 if _extension.LOADED:

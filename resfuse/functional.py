@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from . import backends
-from .ops.chain import ChainSpec, ConvBNChainFunction, LayerSpec
+from .ops.chain import ChainSpec, ConvBNChainFunction, LayerSpec, as_dtype
 
 Shortcut = Union[None, torch.Tensor, Tuple[torch.Tensor, nn.Conv2d, nn.BatchNorm2d]]
 
@@ -279,8 +279,8 @@ def _update_running(bn: nn.BatchNorm2d, mean: torch.Tensor, unbiased: torch.Tens
         rv.add_(((unbiased.to(torch.float64) - rv) * factor).to(rv.dtype))
     else:
         m = bn.momentum
-        rm.mul_(1 - m).add_(mean.to(rm.dtype), alpha=m)
-        rv.mul_(1 - m).add_(unbiased.to(rv.dtype), alpha=m)
+        rm.mul_(1 - m).add_(as_dtype(mean, rm.dtype), alpha=m)
+        rv.mul_(1 - m).add_(as_dtype(unbiased, rv.dtype), alpha=m)
 
 
 def _unfusable(layers, shortcut) -> Optional[str]:

@@ -250,6 +250,28 @@ def test_gradient_with_more_scratch_runs_first(algo, monkeypatch, name, split):
     assert cpu_conv.backward(gy, x, w, g, False, True)[0] is None and calls[-1] == "weight"
 
 
+def test_choice_is_per_layout(algo):
+    """A shape measured on channels_last operands (where GEMM / Winograd may win) and then run on
+    NCHW ones is a new choice (oneDNN, NCHW out, the same values), and the remembered choice of each
+    layout serves its later calls."""
+    algo("auto")
+    x, w = _cl(2, 32, 6, 6, dtype=torch.float32), _cl(32, 32, 3, 3, dtype=torch.float32)
+    g = ConvGeom((1, 1), (1, 1), (1, 1), 1)
+    gy = _cl(2, 32, 6, 6, dtype=torch.float32)
+    for fmt in (CL, torch.contiguous_format, CL):
+        xf, wf, gf = (t.contiguous(memory_format=fmt) for t in (x, w, gy))
+        for _ in range(2):  # the trial, then the remembered choice
+            y = cpu_conv.forward(xf, wf, g)
+            gx, gw = cpu_conv.backward(gf, xf, wf, g, True, True)
+            assert y.is_contiguous(memory_format=fmt) and gx.is_contiguous(memory_format=fmt)
+            assert _rel(y, F.conv2d(x, w, None, 1, 1)) < 1e-5
+            want_gx, want_gw = cpu_conv._aten_backward(gy, x, w, g, True, True)
+            assert _rel(gx, want_gx) < 1e-5 and _rel(gw, want_gw) < 1e-5
+    assert not [k for k in cpu_conv.choices() if not k[5]]  # NCHW: nothing to measure
+    nchw = [v for k, v in cpu_conv._memo.items() if not k[5]]
+    assert nchw and set(nchw) == {"onednn"}
+
+
 @pytest.mark.parametrize("case", ["nchw", "groups", "float16"])
 def test_unsupported_cases_stay_on_onednn(algo, case):
     """NCHW or grouped: oneDNN without a trial; float16: no Winograd (its transforms would round)."""
