@@ -13,6 +13,7 @@ Two ways to run it:
 
       python benchmarks/bench_cpu.py models   # eval, resnet18/50, batch 1 and 4, 224x224
       python benchmarks/bench_cpu.py train    # train step, resnet18/50, batch 8, 112x112
+      python benchmarks/bench_cpu.py cifar    # train step, CIFAR ResNet-20, 32x32, batch 8/32/128
       python benchmarks/bench_cpu.py blocks   # stage blocks, batch 8: eval and train step
       python benchmarks/bench_cpu.py memory   # peak memory of train steps (models and blocks)
       python benchmarks/bench_cpu.py curve    # 20 SGD steps: fused vs eager loss curves
@@ -354,6 +355,27 @@ def run_train(args):
               + (f"{med['eager_cl'] / med['resfuse']:.2f}x |" if "eager_cl" in med else "- |"), flush=True)
 
 
+def run_cifar(args):
+    """Train steps of ``resfuse.reference.cifar_resnet(20)`` (He et al.'s CIFAR-10 ResNet-20: 16-64
+    channels on 32x32-8x8 maps) at batches 8, 32 and 128: small layers, where per-call costs weigh
+    most."""
+    names = args.providers or ["eager", "eager_cl", "compile", "resfuse"]
+    print(f"# train step (SGD), CIFAR ResNet-20 (resfuse.reference), 32x32, 10 classes, fp32 — {_machine()}")
+    print("| batch | " + " | ".join(names) + " | resfuse vs eager | resfuse vs eager_cl |")
+    print("|---" * (len(names) + 3) + "|")
+    for batch in (8, 32, 128):
+        torch.manual_seed(0)
+        base = reference.cifar_resnet(20)
+        x = torch.randn(batch, 3, 32, 32)
+        y = torch.randint(0, 10, (batch,))
+        provs = train_providers(base, names)
+        wait_quiet(args.quiet)
+        med, _ = interleaved(provs, (x, y), args.reps, warm=2, grad=True)
+        print(f"| {batch} | " + " | ".join(f"{med[n]:.1f} ms" for n in names)
+              + f" | {med['eager'] / med['resfuse']:.2f}x | "
+              + (f"{med['eager_cl'] / med['resfuse']:.2f}x |" if "eager_cl" in med else "- |"), flush=True)
+
+
 def run_blocks(args):
     ev_names = ["eager", "eager_cl", "resfuse", "convs"]
     tr_names = ["eager", "eager_cl", "resfuse"]
@@ -557,7 +579,7 @@ def run_profile(args):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("what", choices=["models", "train", "blocks", "memory", "curve", "profile"])
+    ap.add_argument("what", choices=["models", "train", "cifar", "blocks", "memory", "curve", "profile"])
     ap.add_argument("--archs", nargs="+", default=["resnet18", "resnet50"])
     ap.add_argument("--batches", nargs="+", type=int, default=list(EVAL_BATCHES))
     ap.add_argument("--providers", nargs="+")
@@ -579,7 +601,7 @@ def main(argv=None):
     global CLOCK
     CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     resfuse.set_backend("cpu")
-    {"models": run_models, "train": run_train, "blocks": run_blocks, "memory": run_memory,
+    {"models": run_models, "train": run_train, "cifar": run_cifar, "blocks": run_blocks, "memory": run_memory,
      "curve": run_curve, "profile": run_profile}[args.what](args)
 
 
