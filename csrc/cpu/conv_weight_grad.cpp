@@ -7,7 +7,7 @@
 // the slice is zero). No im2col buffer: a tap's K positions are taken a few images (or rows of one
 // image) at a time, each piece gathered (where it is not already a matrix view) into small
 // per-thread buffers and accumulated into the tap's slice of gw — so besides gw the kernel holds
-// little (0.1 MiB for 256 channels on a 14x14 map at batch 8, 2 threads, where oneDNN's weight
+// little (1.2 MiB for 256 channels on a 14x14 map at batch 8, 2 threads, where oneDNN's weight
 // gradient holds ~2 weight-sized buffers, 4.3 MiB; gathering a whole tap at once held an x- and a
 // gy-sized copy per thread, 23 MiB on a 28x28 map), and the GEMMs read operands still in cache.
 // bf16 / fp16 pieces are gathered as float32 and summed in float32, rounded once at the end.
@@ -35,7 +35,7 @@ namespace {
 // kMinPositions positions where that is more — each piece's GEMM reads and writes the tap's [co, Ci]
 // slice of gw, so a short K makes it memory-bound (a 1x1 stride-2 2048x1024 layer on a 7x7 map: 0.96x
 // oneDNN's time with 42-position pieces, 0.78x with 512). Measured over ResNet shapes at batch 8, 2
-// threads: within noise of gathering the whole tap at once, or faster (0.62x on 56x56 maps).
+// threads: within noise of gathering the whole tap at once, or faster (0.74x on a 64-channel 56x56 map).
 constexpr int64_t kSliceBytes = 256 << 10;
 constexpr int64_t kMinPositions = 512;
 
