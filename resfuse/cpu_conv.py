@@ -71,7 +71,7 @@ _PREFERRED = {"weight_grad": "gemm"}
 _TRIALS = 3  # timed runs per candidate at a first call (after one warm-up run); the best counts
 _MIN_TAP_CHANNELS = 32  # input channels below which the per-tap weight gradient is not tried
 #: oneDNN's input and weight gradients run as two calls (weight gradient first) only where that lowers
-#: the peak by at least this many bytes (see :func:`backward`)
+#: the peak by at least this many bytes (see :func:`_pair`)
 SPLIT_MIN_BYTES = 1 << 20
 
 
@@ -330,36 +330,47 @@ def forward(x, w, geom: ConvGeom):
 def backward(gy, x, w, geom: ConvGeom, need_input=True, need_weight=True):
     """``(grad_input | None, grad_weight | None)`` of ``conv2d(x, w)``; each in its operand's layout.
 
-    The two gradients are separate calls, the one whose algorithm holds more scratch memory first, so
-    its scratch is gone before the other's result exists: oneDNN's weight gradient holds ~2
-    weight-sized buffers, its input gradient ~1, so for a 256-channel 3x3 layer on a 14x14 map (batch
-    8) the pair peaks 6.6 MiB above its inputs instead of 8.1 MiB in ATen's order (see
-    :func:`_scratch`); two oneDNN calls take the time of ATen's one for both within +-1 % on ResNet
-    shapes, but ~60 us more on tiny ones, so where that order would save less than
-    :data:`SPLIT_MIN_BYTES` (it saves min(input, weight) bytes) both stay one ATen call."""
+    When both are needed, the weight gradient's algorithm is chosen for the pair (:func:`_pair`): its
+    trial times each candidate together with the chosen input gradient, so oneDNN computing both in
+    one call (~60 us less than two calls on small layers) competes as what it costs in the step."""
     key = _key(x, w, geom, gy)
-    if need_input and need_weight:
-        algos = _memoised("input_grad", key), _memoised("weight_grad", key)
-        if None in algos:
-            algos = (decided("input_grad", key, _candidates("input_grad", gy, x, w, geom)),
-                     decided("weight_grad", key, _candidates("weight_grad", gy, x, w, geom)))
-        if algos == ("onednn", "onednn") and min(x.numel(), w.numel()) * x.element_size() < SPLIT_MIN_BYTES:
-            return _aten_backward(gy, x, w, geom, True, True)
-        if _scratch("weight_grad", algos[1], x, w, gy) > _scratch("input_grad", algos[0], x, w, gy):
-            gw = _run("weight_grad", gy, x, w, geom, key)
-            return _run("input_grad", gy, x, w, geom, key), gw
-    return (_run("input_grad", gy, x, w, geom, key) if need_input else None,
-            _run("weight_grad", gy, x, w, geom, key) if need_weight else None)
+    if not (need_input and need_weight):
+        return (_run("input_grad", gy, x, w, geom, key) if need_input else None,
+                _run("weight_grad", gy, x, w, geom, key) if need_weight else None)
+    ni, nw = _memoised("input_grad", key), _memoised("weight_grad", key)
+    if ni is not None and nw is not None:
+        return _pair(ni, nw, gy, x, w, geom)
+    ci = _candidates("input_grad", gy, x, w, geom)
+    ni = decided("input_grad", key, ci)
+    if ni is None:
+        pick("input_grad", key, ci)  # the input gradient's own trial (its result is recomputed below)
+        ni = decided("input_grad", key, ci)
+    pairs = {n: functools.partial(_pair, ni, n, gy, x, w, geom) for n in _candidates("weight_grad", gy, x, w, geom)}
+    return pick("weight_grad", key, pairs)
 
 
-def _scratch(op: str, algo: Optional[str], x, w, gy) -> int:
+def _pair(ni: str, nw: str, gy, x, w, geom: ConvGeom):
+    """Both gradients, by algorithms ``ni`` and ``nw``: as two calls, the one whose algorithm holds
+    more scratch memory first, so its scratch is gone before the other's result exists — oneDNN's
+    weight gradient holds ~2 weight-sized buffers, its input gradient ~1, so for a 256-channel 3x3
+    layer on a 14x14 map (batch 8) the pair peaks 6.6 MiB above its inputs instead of 8.1 MiB in
+    ATen's order (see :func:`_scratch`). Two oneDNN calls take the time of ATen's one for both within
+    +-1 % on ResNet shapes, but ~60 us more on tiny ones, so where that order would save less than
+    :data:`SPLIT_MIN_BYTES` (it saves min(input, weight) bytes) oneDNN's pair stays one ATen call."""
+    if (ni, nw) == ("onednn", "onednn") and min(x.numel(), w.numel()) * x.element_size() < SPLIT_MIN_BYTES:
+        return _aten_backward(gy, x, w, geom, True, True)
+    if _scratch("weight_grad", nw, x, w, gy) > _scratch("input_grad", ni, x, w, gy):
+        gw = _RUN["weight_grad"][nw](gy, x, w, geom)
+        return _RUN["input_grad"][ni](gy, x, w, geom), gw
+    return _RUN["input_grad"][ni](gy, x, w, geom), _RUN["weight_grad"][nw](gy, x, w, geom)
+
+
+def _scratch(op: str, algo: str, x, w, gy) -> int:
     """Bytes of scratch memory (beyond its result) that ``algo`` holds while it computes ``op``,
     as measured at batch 8 on ResNet shapes: oneDNN ~2 weights for a weight gradient, ~1 for an
     input gradient (its reorders); the per-tap GEMM weight gradient a few small per-thread pieces
     (0); a strided 1x1 GEMM input gradient its dense product; Winograd its transformed weight
-    (P/9 weights), twice for an input gradient (dense, then packed). 0 while still undecided."""
-    if algo is None:
-        return 0
+    (P/9 weights), twice for an input gradient (dense, then packed)."""
     wb = w.numel() * w.element_size()
     if algo == "onednn":
         return 2 * wb if op == "weight_grad" else wb

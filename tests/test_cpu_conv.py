@@ -250,6 +250,37 @@ def test_gradient_with_more_scratch_runs_first(algo, monkeypatch, name, split):
     assert cpu_conv.backward(gy, x, w, g, False, True)[0] is None and calls[-1] == "weight"
 
 
+def test_weight_gradient_is_chosen_for_the_pair(algo, monkeypatch):
+    """With both gradients needed, the weight gradient's trial times each candidate together with the
+    chosen input gradient — oneDNN as one ATen call computing both — and the winner's pair is what
+    the call returns; later calls run the remembered pair."""
+    algo("auto")
+    calls = []
+    real = cpu_conv._aten_backward
+
+    def spy(gy, x, w, geom, need_input, need_weight):
+        calls.append((need_input, need_weight))
+        return real(gy, x, w, geom, need_input, need_weight)
+
+    monkeypatch.setattr(cpu_conv, "_aten_backward", spy)
+    x, w = _cl(2, 32, 6, 6, dtype=torch.float32), _cl(32, 32, 3, 3, dtype=torch.float32)
+    gy = _cl(2, 32, 6, 6, dtype=torch.float32)
+    g = ConvGeom((1, 1), (1, 1), (1, 1), 1)
+    want_gx, want_gw = real(gy, x, w, g, True, True)
+    for _ in range(3):
+        gx, gw = cpu_conv.backward(gy, x, w, g, True, True)
+        assert _rel(gx, want_gx) < 1e-5 and _rel(gw, want_gw) < 1e-5
+    assert (True, True) in calls  # oneDNN's candidate for the pair: one call
+    chosen = {k[0]: v for k, v in cpu_conv.choices().items()}
+    assert set(chosen) == {"input_grad", "weight_grad"}
+    calls.clear()
+    cpu_conv.backward(gy, x, w, g, True, True)
+    if chosen["input_grad"] == chosen["weight_grad"] == "onednn":
+        assert calls == [(True, True)]
+    else:
+        assert (True, True) not in calls
+
+
 def test_choice_is_per_layout(algo):
     """A shape measured on channels_last operands (where GEMM / Winograd may win) and then run on
     NCHW ones is a new choice (oneDNN, NCHW out, the same values), and the remembered choice of each
