@@ -338,42 +338,42 @@ def run_models(args):
                   flush=True)
 
 
-def run_train(args):
+def _train_table(args, title, first, cases, fmt):
+    """Print one table of interleaved train steps: ``cases`` yields ``(label, model, x, y)``, each
+    model stepped by every provider; times printed with ``fmt`` (milliseconds)."""
     names = args.providers or ["eager", "eager_cl", "compile", "resfuse"]
-    print(f"# train step (SGD), batch {TRAIN_BATCH}, {TRAIN_HW}x{TRAIN_HW}, fp32 — {_machine()}")
-    print("| model | " + " | ".join(names) + " | resfuse vs eager | resfuse vs eager_cl |")
+    print(f"# {title}, fp32 — {_machine()}")
+    print(f"| {first} | " + " | ".join(names) + " | resfuse vs eager | resfuse vs eager_cl |")
     print("|---" * (len(names) + 3) + "|")
-    for arch in args.archs:
-        base, src = make_model(arch)
-        x = torch.randn(TRAIN_BATCH, 3, TRAIN_HW, TRAIN_HW)
-        y = torch.randint(0, 1000, (TRAIN_BATCH,))
+    for label, base, x, y in cases:
         provs = train_providers(base, names)
         wait_quiet(args.quiet)
         med, _ = interleaved(provs, (x, y), args.reps, warm=2, grad=True)
-        print(f"| {arch} ({src}) | " + " | ".join(f"{med[n]:.0f} ms" for n in names)
+        print(f"| {label} | " + " | ".join(f"{fmt.format(med[n])} ms" for n in names)
               + f" | {med['eager'] / med['resfuse']:.2f}x | "
               + (f"{med['eager_cl'] / med['resfuse']:.2f}x |" if "eager_cl" in med else "- |"), flush=True)
+
+
+def run_train(args):
+    def cases():
+        for arch in args.archs:
+            base, src = make_model(arch)
+            yield (f"{arch} ({src})", base, torch.randn(TRAIN_BATCH, 3, TRAIN_HW, TRAIN_HW),
+                   torch.randint(0, 1000, (TRAIN_BATCH,)))
+    _train_table(args, f"train step (SGD), batch {TRAIN_BATCH}, {TRAIN_HW}x{TRAIN_HW}", "model", cases(), "{:.0f}")
 
 
 def run_cifar(args):
     """Train steps of ``resfuse.reference.cifar_resnet(20)`` (He et al.'s CIFAR-10 ResNet-20: 16-64
     channels on 32x32-8x8 maps) at batches 8, 32 and 128: small layers, where per-call costs weigh
     most."""
-    names = args.providers or ["eager", "eager_cl", "compile", "resfuse"]
-    print(f"# train step (SGD), CIFAR ResNet-20 (resfuse.reference), 32x32, 10 classes, fp32 — {_machine()}")
-    print("| batch | " + " | ".join(names) + " | resfuse vs eager | resfuse vs eager_cl |")
-    print("|---" * (len(names) + 3) + "|")
-    for batch in (8, 32, 128):
-        torch.manual_seed(0)
-        base = reference.cifar_resnet(20)
-        x = torch.randn(batch, 3, 32, 32)
-        y = torch.randint(0, 10, (batch,))
-        provs = train_providers(base, names)
-        wait_quiet(args.quiet)
-        med, _ = interleaved(provs, (x, y), args.reps, warm=2, grad=True)
-        print(f"| {batch} | " + " | ".join(f"{med[n]:.1f} ms" for n in names)
-              + f" | {med['eager'] / med['resfuse']:.2f}x | "
-              + (f"{med['eager_cl'] / med['resfuse']:.2f}x |" if "eager_cl" in med else "- |"), flush=True)
+    def cases():
+        for batch in (8, 32, 128):
+            torch.manual_seed(0)
+            base = reference.cifar_resnet(20)
+            yield str(batch), base, torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
+    _train_table(args, "train step (SGD), CIFAR ResNet-20 (resfuse.reference), 32x32, 10 classes", "batch",
+                 cases(), "{:.1f}")
 
 
 def run_blocks(args):
