@@ -369,8 +369,9 @@ def _scratch(op: str, algo: str, x, w, gy) -> int:
     """Bytes of scratch memory (beyond its result) that ``algo`` holds while it computes ``op``,
     as measured at batch 8 on ResNet shapes: oneDNN ~2 weights for a weight gradient, ~1 for an
     input gradient (its reorders); the per-tap GEMM weight gradient a few small per-thread pieces
-    (0); a strided 1x1 GEMM input gradient its dense product; Winograd its transformed weight
-    (P/9 weights), twice for an input gradient (dense, then packed)."""
+    (0); a 1x1 GEMM input gradient its dense product (scratch only for stride > 1, counted for
+    stride 1 too, where it is the result itself: an overestimate that can put it first); Winograd its
+    transformed weight (P/9 weights), twice for an input gradient (dense, then packed)."""
     wb = w.numel() * w.element_size()
     if algo == "onednn":
         return 2 * wb if op == "weight_grad" else wb
