@@ -111,11 +111,22 @@ class Backend:
         mean, var = self.bn_stats(y)
         return y, mean, var
 
-    def conv_bias_act(self, x, w, bias, geom: ConvGeom, residual=None, relu=True):
-        """Inference form: ``act(conv(x, w) + bias[c] + residual)`` (BN folded into w and bias)."""
+    def conv_bias_act(self, x, w, bias, geom: ConvGeom, residual=None, relu=True, consume=False):
+        """Inference form: ``act(conv(x, w) + bias[c] + residual)`` (BN folded into w and bias).
+        ``consume``: the caller gives ``residual`` up (a backend may write the result into it)."""
         y = self.conv(x, w, geom)
         one = torch.ones_like(bias)
         return self.bn_act(y, one, bias, residual, None, relu)
+
+    def plan_token(self):
+        """What the steps of :meth:`conv_bias_act_step` depend on beyond their operands (a plan made
+        under another token is not replayed)."""
+        return None
+
+    def conv_bias_act_step(self, x, w, bias, geom: ConvGeom, residual=None, relu=True):
+        """A callable ``step(x, residual, consume)`` that repeats :meth:`conv_bias_act` for operands
+        like these without re-deciding anything, or None (here: always; see ``CpuBackend``)."""
+        return None
 
     # -- the four primitives (see docs/architecture.md) ------------------------------------------
     def bn_stats(self, x):
@@ -247,6 +258,11 @@ def select(op: str, *tensors: Optional[torch.Tensor]) -> Backend:
             raise BackendUnavailable(f"resfuse backend {name!r} cannot run {op}: {reason}")
     _REG.last[op] = chosen.name
     return chosen
+
+
+def note_used(op: str, name: str) -> None:
+    """Record that backend ``name`` ran ``op`` (what :func:`select` records, for calls that skip it)."""
+    _REG.last[op] = name
 
 
 def last_used() -> dict:

@@ -108,7 +108,7 @@ class _OneDNN:
     """The private ATen ops, resolved once; ``reason`` is None when they exist and pass a probe."""
 
     def __init__(self):
-        self.conv = self.binary = self.reorder = None
+        self.conv = self.binary = self.binary_ = self.reorder = None
         self.bf16 = self.fp16 = False
         self.reason = self._resolve()
 
@@ -120,6 +120,7 @@ class _OneDNN:
             self.conv = mk._convolution_pointwise.default
             self.binary = mk._convolution_pointwise.binary
             self.reorder = mk._reorder_convolution_weight.default
+            self.binary_ = mk._convolution_pointwise_.binary
         except (AttributeError, RuntimeError) as e:
             return f"torch.ops.mkldnn fused-convolution ops are missing ({type(e).__name__}: {e})"
         try:
@@ -143,9 +144,12 @@ class _OneDNN:
                 pw = self.reorder(w, [1, 1], [2, 2], [1, 1], 1, [2, 4, 5, 5])
                 y1 = self.conv(x, pw, b, [1, 1], [2, 2], [1, 1], 1, "relu", [], "")
                 y2 = self.binary(x, r, pw, b, [1, 1], [2, 2], [1, 1], 1, "add", 1.0, "relu", [], "")
+                y3 = self.binary_(r.clone(memory_format=torch.channels_last), x, pw, b, [1, 1], [2, 2], [1, 1], 1,
+                                  "add", 1.0, None, [], "")
                 ref = F.conv2d(x, w, b, 2, 1)
                 ok = (torch.allclose(y1, ref.relu(), atol=1e-4, rtol=1e-4)
-                      and torch.allclose(y2, (ref + r).relu(), atol=1e-4, rtol=1e-4))
+                      and torch.allclose(y2, (ref + r).relu(), atol=1e-4, rtol=1e-4)
+                      and torch.allclose(y3, ref + r, atol=1e-4, rtol=1e-4))
             return None if ok else "the oneDNN fused convolution disagrees with ATen on a probe"
         except Exception as e:  # noqa: BLE001 - any failure means: do not use it
             return f"the oneDNN fused convolution failed a probe ({type(e).__name__}: {e})"
@@ -218,42 +222,70 @@ class CpuBackend(Backend):
         super().conv_input_grad_add_(acc, grad_y, x, w, geom)
 
     # -- inference: conv + bias + residual + ReLU ----------------------------------------------------
-    def conv_bias_act(self, x, w, bias, geom: ConvGeom, residual=None, relu=True):
+    def conv_bias_act(self, x, w, bias, geom: ConvGeom, residual=None, relu=True, consume=False):
         """``act(conv(x, w) + bias[c] + residual)``: one oneDNN call when the fast path applies, or
         — for a 3x3 stride-1 fp32 channels_last layer where it measured faster on the first call —
         a Winograd F(2x2, 3x3) or F(4x4, 3x3) convolution with bias, residual and ReLU in its output
-        transform."""
+        transform. ``consume``: the caller gives ``residual`` up, and oneDNN may write the result
+        into it (its in-place form: no new output buffer, see :func:`_onednn_run`)."""
         if not self._fast(x, w, bias, residual):
             return super().conv_bias_act(x, w, bias, geom, residual, relu)
-        cands = {"onednn": lambda: self._onednn_bias_act(x, w, bias, geom, residual, relu)}
-        if cpu_conv.winograd_applies(x, w, geom) and bias.dtype == x.dtype:
-            for tile, name in cpu_conv.WINOGRAD.items():
+        key, names = self._inference_key(x, w, bias, geom, residual, relu)
+        trial = cpu_conv.decided("inference", key, names) is None
+        consume = consume and not trial  # a trial runs every candidate several times on the residual
+        cands = {"onednn": lambda: self._onednn_bias_act(x, w, bias, geom, residual, relu, consume)}
+        for tile, name in cpu_conv.WINOGRAD.items():
+            if name in names:
                 cands[name] = functools.partial(self._winograd_bias_act, x, w, bias, residual, relu, tile)
-        key = (tuple(x.shape), tuple(w.shape), geom, x.dtype, residual is not None, relu)
-        trial = len(cands) > 1 and cpu_conv.decided("inference", key, cands) is None
         y = cpu_conv.pick("inference", key, cands)
         if trial:  # every candidate ran: drop what the losers cached on w
             _forget_losers(w, keep=cpu_conv.decided("inference", key, cands))
         return y
 
-    def _onednn_bias_act(self, x, w, bias, geom: ConvGeom, residual, relu):
-        ops = _ONEDNN
+    def plan_token(self):
+        return onednn_status() is None, cpu_conv.get_algo()
+
+    def conv_bias_act_step(self, x, w, bias, geom: ConvGeom, residual=None, relu=True):
+        """``step(x, residual, consume) -> y``: what :meth:`conv_bias_act` runs for these operands, bound
+        to its settled algorithm and packed weight and without its per-call checks — for the inference
+        plans of :mod:`resfuse.functional`, which guard what the checks depend on. None while anything
+        is unsettled (the first call of a shape times the algorithms; a weight seen once is not
+        packed) or off the fast path."""
+        if not self._fast(x, w, bias, residual):
+            return None
+        key, names = self._inference_key(x, w, bias, geom, residual, relu)
+        name = cpu_conv.decided("inference", key, names)
         cl = _is_channels_last(x)
-        pw = self._packed(w, geom, tuple(x.shape), x.dtype) if cl else w
-        pad, stride, dil = list(geom.padding), list(geom.stride), list(geom.dilation)
+        if name == "onednn":
+            pw = _peek_pack(w, _PACK_ATTR, _pack_key(geom, x)) if cl else w
+            if pw is None:
+                return None
+            if bias.dtype != x.dtype:
+                bias = bias.to(x.dtype)
+            return functools.partial(_onednn_run, pw, bias, list(geom.padding), list(geom.stride),
+                                     list(geom.dilation), geom.groups, relu, cl)
+        tile = next((t for t, n in cpu_conv.WINOGRAD.items() if n == name), None)
+        if tile is None:
+            return None
+        chunk = cpu_conv.winograd_chunk(x, tile)
+        u = _peek_pack(w, _WINO_ATTR, (tile, chunk))
+        return None if u is None else functools.partial(_winograd_run, u, bias, relu, chunk, tile)
+
+    @staticmethod
+    def _inference_key(x, w, bias, geom: ConvGeom, residual, relu):
+        """The trial key of an inference layer and the names of its candidate algorithms."""
+        names = ["onednn"]
+        if cpu_conv.winograd_applies(x, w, geom) and bias.dtype == x.dtype:
+            names += cpu_conv.WINOGRAD.values()
+        return (tuple(x.shape), tuple(w.shape), geom, x.dtype, residual is not None, relu), names
+
+    def _onednn_bias_act(self, x, w, bias, geom: ConvGeom, residual, relu, consume=False):
+        cl = _is_channels_last(x)
+        pw = self._packed(w, geom, x) if cl else w
         if bias.dtype != x.dtype:  # bf16/fp16: oneDNN wants the bias in the activation dtype
             bias = bias.to(x.dtype)
-        # oneDNN's fused ReLU post-op maps NaN to 0 (a max instruction); resfuse keeps PyTorch's
-        # NaN-in, NaN-out, so the ReLU runs as an in-place pass of its own (a few % of the conv's time)
-        if residual is None:
-            y = ops.conv(x, pw, bias, pad, stride, dil, geom.groups, "none", [], "")
-        else:
-            y = ops.binary(x, residual, pw, bias, pad, stride, dil, geom.groups, "add", 1.0, None, [], "")
-        if relu:
-            y.relu_()
-        if not cl and not y.is_contiguous():
-            y = y.contiguous()  # NCHW in, NCHW out (the packed primitive computes in NHWC/blocked)
-        return y
+        return _onednn_run(pw, bias, list(geom.padding), list(geom.stride), list(geom.dilation), geom.groups,
+                           relu, cl, x, residual, consume)
 
     def _winograd_bias_act(self, x, w, bias, residual, relu, tile):
         """Winograd F(tile x tile, 3x3) with the transformed weight prepacked for oneDNN (the GEMMs:
@@ -275,13 +307,54 @@ class CpuBackend(Backend):
         return True
 
     @staticmethod
-    def _packed(w: torch.Tensor, geom: ConvGeom, shape: tuple, dtype):
-        """``w`` prepacked for a channels_last input of ``shape`` (cached on ``w``, :func:`_cached_pack`);
-        ``w`` itself on first sight, where oneDNN reorders it internally. (NCHW inputs get no packed
-        weight: it makes oneDNN write NHWC, which would then cost a copy back to NCHW per layer:
-        measured 1.08x / 1.28x slower on resnet18 / resnet50.)"""
-        return _cached_pack(w, _PACK_ATTR, (shape, dtype, geom), lambda: w, lambda d: _ONEDNN.reorder(
-            d.contiguous(), list(geom.padding), list(geom.stride), list(geom.dilation), geom.groups, list(shape)))
+    def _packed(w: torch.Tensor, geom: ConvGeom, x: torch.Tensor):
+        """``w`` prepacked for a channels_last input of ``x``'s shape and dtype (cached on ``w``,
+        :func:`_cached_pack`); ``w`` itself on first sight, where oneDNN reorders it internally. (NCHW
+        inputs get no packed weight: it makes oneDNN write NHWC, which would then cost a copy back to
+        NCHW per layer: measured 1.08x / 1.28x slower on resnet18 / resnet50.)"""
+        return _cached_pack(w, _PACK_ATTR, _pack_key(geom, x), lambda: w, lambda d: _ONEDNN.reorder(
+            d.contiguous(), list(geom.padding), list(geom.stride), list(geom.dilation), geom.groups,
+            list(x.shape)))
+
+
+def _pack_key(geom: ConvGeom, x: torch.Tensor) -> tuple:
+    return tuple(x.shape), x.dtype, geom
+
+
+def _onednn_run(pw, bias, pad, stride, dil, groups, relu, cl, x, residual, consume):
+    """One oneDNN inference layer: ``act(conv(x, pw) + bias + residual)``. With ``consume`` and a
+    residual that may take the result (channels_last, ``x``'s dtype, not sharing ``x``'s memory), the
+    in-place form writes into the residual: no output buffer is allocated (resnet50, batch 4, 1 thread:
+    the 64->256 1x1 at 56x56 with a fresh output buffer 5.9-11 ms, in place 5.4 ms — a fresh
+    12.8 MB buffer is new pages or cold cache)."""
+    ops = _ONEDNN
+    # oneDNN's fused ReLU post-op maps NaN to 0 (a max instruction); resfuse keeps PyTorch's
+    # NaN-in, NaN-out, so the ReLU runs as an in-place pass of its own (a few % of the conv's time)
+    if residual is None:
+        y = ops.conv(x, pw, bias, pad, stride, dil, groups, "none", [], "")
+    elif (consume and cl and residual.dtype == x.dtype and _is_channels_last(residual)
+          and residual.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()):
+        y = ops.binary_(residual, x, pw, bias, pad, stride, dil, groups, "add", 1.0, None, [], "")
+    else:
+        y = ops.binary(x, residual, pw, bias, pad, stride, dil, groups, "add", 1.0, None, [], "")
+    if relu:
+        y.relu_()
+    if not cl and not y.is_contiguous():
+        y = y.contiguous()  # NCHW in, NCHW out (the packed primitive computes in NHWC/blocked)
+    return y
+
+
+def _winograd_run(u, bias, relu, chunk, tile, x, residual, consume):
+    """One Winograd inference layer from its packed transformed weight ``u`` (``consume`` unused)."""
+    return torch.ops.resfuse.winograd_conv(x, u, bias, residual, relu, chunk, tile)
+
+
+def _peek_pack(w: torch.Tensor, attr: str, key: tuple):
+    """The pack :func:`_cached_pack` holds on ``w`` under ``key`` for ``w``'s current version, or None."""
+    cache = getattr(w, attr, None)
+    if cache is None or cache.get("version") != w._version:
+        return None
+    return cache.get(key)
 
 
 def _cached_pack(w: torch.Tensor, attr: str, key: tuple, dense, pack):

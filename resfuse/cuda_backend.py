@@ -93,7 +93,7 @@ class CudaBackend(Backend):
             return super().conv_stats(x, w, geom, None, stats)
         return tuple(self._ops.cuda_conv_stats(x, w, list(geom.stride), list(geom.padding), list(geom.dilation)))
 
-    def conv_bias_act(self, x, w, bias, geom: ConvGeom, residual=None, relu=True):
+    def conv_bias_act(self, x, w, bias, geom: ConvGeom, residual=None, relu=True, consume=False):
         if self.supports_fused_conv(x, w, geom) is not None:
             return super().conv_bias_act(x, w, bias, geom, residual, relu)
         return self._ops.cuda_conv_bias_act(x, w, None, bias, list(geom.stride), list(geom.padding),

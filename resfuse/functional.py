@@ -39,16 +39,19 @@ def conv_bn_act(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, residual: 
 
 def conv_bn_chain(x: torch.Tensor, layers: Sequence[Tuple[nn.Conv2d, nn.BatchNorm2d]],
                   shortcut: Shortcut = None, relu: bool = True,
-                  weights: Optional[Sequence[torch.Tensor]] = None) -> torch.Tensor:
+                  weights: Optional[Sequence[torch.Tensor]] = None, consume: bool = False) -> torch.Tensor:
     """``act(bn_k(conv_k(relu(bn_{k-1}(...relu(bn_0(conv_0(x))))))) + shortcut)``.
 
     ``layers``: ``(conv, bn)`` pairs (k ≥ 1); ReLU after every BN but the last; the shortcut (see
     :func:`conv_bn_act`) is added after the last BN and before the final activation (``relu``).
     ``weights``: optional per-layer tensors used instead of ``conv.weight`` (same shape; e.g. the RiR
     layer's ``W_cat + I_partial``); gradients flow to them.
+    ``consume``: the caller gives a tensor ``shortcut`` up — nothing reads it afterwards, nothing else
+    holds it — so inference may write the result into its memory instead of a new buffer (the
+    result of a projection shortcut, which resfuse makes itself, is always used so).
     Returns ``[N, C_out, H_out, W_out]`` in ``x``'s memory format.
     """
-    return _chain(x, layers, shortcut, relu, weights)
+    return _chain(x, layers, shortcut, relu, weights, None, consume)
 
 
 def conv_bn_act_pool(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, pool: nn.Module) -> torch.Tensor:
@@ -87,9 +90,14 @@ def _pooled(h: torch.Tensor, pool) -> torch.Tensor:
     return h if pool is None else pool[0](h)
 
 
-def _chain(x, layers, shortcut, relu, weights, pool=None):
+def _chain(x, layers, shortcut, relu, weights, pool=None, consume=False):
     """:func:`conv_bn_chain` with an optional ``pool = (max-pool module, geometry)`` after the final
     ReLU (no shortcut)."""
+    sig = _plan_sig(x, layers, shortcut, relu, pool) if weights is None and not torch.is_grad_enabled() else None
+    if sig is not None:
+        y = _run_plan(sig, x, layers, shortcut, pool, consume)
+        if y is not None:
+            return y
     _check(x, layers, shortcut)
     if weights is not None:
         weights = tuple(weights)
@@ -108,11 +116,11 @@ def _chain(x, layers, shortcut, relu, weights, pool=None):
     if torch.is_autocast_enabled(dev):
         dt = torch.get_autocast_dtype(dev)
         with torch.autocast(dev, enabled=False):
-            return _dispatch(be, x.to(dt), layers, shortcut, relu, dt, weights, pool)
-    return _dispatch(be, x, layers, shortcut, relu, None, weights, pool)
+            return _dispatch(be, x.to(dt), layers, shortcut, relu, dt, weights, pool, consume)
+    return _dispatch(be, x, layers, shortcut, relu, None, weights, pool, consume, sig)
 
 
-def _dispatch(be, x, layers, shortcut, relu, cast, weights=None, pool=None):
+def _dispatch(be, x, layers, shortcut, relu, cast, weights=None, pool=None, consume=False, plan=None):
     override = {id(conv): w for (conv, _), w in zip(layers, weights)} if weights is not None else {}
 
     def w_of(conv):
@@ -128,7 +136,7 @@ def _dispatch(be, x, layers, shortcut, relu, cast, weights=None, pool=None):
 
     batch_stats = [_uses_batch_stats(bn) for bn in all_bns]
     if not any(batch_stats) and not _needs_grad(x, layers, shortcut, weights):
-        return _pooled(_inference(be, x, layers, shortcut, relu, cast, override), pool)
+        return _pooled(_inference(be, x, layers, shortcut, relu, cast, override, consume, plan), pool)
 
     specs = tuple(_layer_spec(conv, bn) for conv, bn in layers)
     flat = []
@@ -209,19 +217,129 @@ def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: Optional[torch.dtype] = 
     return wf, bias
 
 
-def _inference(be, x, layers, shortcut, relu, cast, override):
+def _inference(be, x, layers, shortcut, relu, cast, override, consume=False, plan=None):
+    """The folded layers through ``be.conv_bias_act``; with ``plan`` (a :func:`_plan_sig`), each
+    layer's :meth:`~resfuse.backends.Backend.conv_bias_act_step` is collected as well and, when every
+    layer has one, stored as the chain's inference plan (:func:`_run_plan`)."""
+    steps = [] if plan is not None else None
     res = shortcut
     if isinstance(shortcut, tuple):
         xs, conv_s, bn_s = shortcut
         ws, bs = fold_bn(conv_s, bn_s, cast)
-        res = be.conv_bias_act(xs, ws, bs, backends.ConvGeom.of(conv_s), None, False)
+        g = backends.ConvGeom.of(conv_s)
+        res = be.conv_bias_act(xs, ws, bs, g, None, False)
+        if steps is not None:
+            steps.append(be.conv_bias_act_step(xs, ws, bs, g, None, False))
+        consume = True  # made here: nobody else holds it
     h = x
     last = len(layers) - 1
     for i, (conv, bn) in enumerate(layers):
         wf, bf = fold_bn(conv, bn, cast, override.get(id(conv)))
-        h = be.conv_bias_act(h, wf, bf, backends.ConvGeom.of(conv),
-                             res if i == last else None, relu if i == last else True)
+        g = backends.ConvGeom.of(conv)
+        r, act = (res, relu) if i == last else (None, True)
+        y = be.conv_bias_act(h, wf, bf, g, r, act, consume and i == last)
+        if steps is not None:  # after the call: it settles the algorithm and the packed weight
+            steps.append(be.conv_bias_act_step(h, wf, bf, g, r, act))
+        h = y
+    if steps is not None and all(st is not None for st in steps):
+        _store_plan(plan, be, layers, shortcut, steps)
     return h
+
+
+# -- inference plans: a chain's settled layer calls, replayed while nothing they depend on changes --
+# A fused block's inference path makes ~20 Python-level decisions per call (backend, folding, fast
+# path, algorithm, pack; ~140 us per resnet50 bottleneck on top of its kernels). Once they are settled
+# for an input signature, the backend's bound calls are kept per chain and replayed, guarded by the
+# identity, version counter and storage of every parameter and buffer they were made from (as
+# fold_bn's cache) and by the backend's own state (e.g. oneDNN on or off, threads).
+_PLANS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+_MAX_PLANS = 4  # input signatures kept per chain (the oldest dropped)
+
+
+class _Plan:
+    __slots__ = ("backend", "token", "refs", "state", "proj", "steps")
+
+    def run(self, x, shortcut, pool, consume):
+        res = shortcut
+        steps = self.steps
+        if self.proj:
+            res = steps[0](shortcut[0], None, False)
+            consume = True
+            steps = steps[1:]
+        h = x
+        for st in steps[:-1]:
+            h = st(h, None, False)
+        h = steps[-1](h, res, consume)
+        backends.note_used("conv_bn_chain", self.backend.name)
+        return h if pool is None else pool[0](h)
+
+
+def _plan_sig(x, layers, shortcut, relu, pool):
+    """What a plan is made for: the input's shape, strides and dtype, the chain's modules and their
+    settings, the shortcut's kind (and a tensor shortcut's layout), the backend choice and threads;
+    None where no plan applies (autocast, torch.compile, tensor subclasses, parametrized weights)."""
+    if type(x) is not torch.Tensor or torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type):
+        return None
+    pairs = list(layers)
+    if isinstance(shortcut, tuple):
+        pairs.append(shortcut[1:])
+        xs = shortcut[0]
+        sc = (1, None if xs is x else (xs.shape, xs.stride(), xs.dtype, xs.device))
+    elif shortcut is None:
+        sc = None
+    elif type(shortcut) is torch.Tensor:
+        sc = (2, shortcut.shape, shortcut.stride(), shortcut.dtype, shortcut.device)
+    else:
+        return None
+    mods = []
+    for c, b in pairs:
+        if "weight" not in c._parameters or type(c).forward is not nn.Conv2d.forward:
+            return None
+        mods += (id(c), id(b), c.stride, c.padding, c.dilation, c.groups, c.padding_mode, b.eps, b.training)
+    return (x.shape, x.stride(), x.dtype, x.device, sc, bool(relu), None if pool is None else (id(pool[0]), pool[1]),
+            backends.get_backend_name(), torch.get_num_threads(), tuple(mods))
+
+
+def _plan_tensors(layers, shortcut) -> list:
+    pairs = list(layers) + ([shortcut[1:]] if isinstance(shortcut, tuple) else [])
+    ts = []
+    for c, b in pairs:
+        cp, bp, bb = c._parameters, b._parameters, b._buffers
+        ts += (cp.get("weight"), cp.get("bias"), bp.get("weight"), bp.get("bias"), bb.get("running_mean"),
+               bb.get("running_var"))
+    return ts
+
+
+def _tensor_state(ts) -> tuple:
+    return tuple(None if t is None else (t._version, t.data_ptr()) for t in ts)
+
+
+def _store_plan(sig, be, layers, shortcut, steps) -> None:
+    plan = _Plan()
+    plan.backend, plan.token = be, be.plan_token()
+    plan.refs = _plan_tensors(layers, shortcut)
+    plan.state = _tensor_state(plan.refs)
+    plan.proj = isinstance(shortcut, tuple)
+    plan.steps = tuple(steps)
+    plans = _PLANS.setdefault(layers[0][0], {})
+    if sig not in plans and len(plans) >= _MAX_PLANS:
+        del plans[next(iter(plans))]
+    plans[sig] = plan
+
+
+def _run_plan(sig, x, layers, shortcut, pool, consume):
+    """The chain's output through its stored plan for ``sig``, or None (no plan, or a stale one,
+    which is dropped: the caller's regular path then runs and may store a new one)."""
+    plans = _PLANS.get(layers[0][0])
+    plan = None if plans is None else plans.get(sig)
+    if plan is None:
+        return None
+    ts = _plan_tensors(layers, shortcut)
+    if (plan.backend.plan_token() != plan.token or any(a is not b for a, b in zip(ts, plan.refs))
+            or _tensor_state(ts) != plan.state):
+        del plans[sig]
+        return None
+    return plan.run(x, shortcut, pool, consume)
 
 
 # -- helpers -------------------------------------------------------------------------------------------

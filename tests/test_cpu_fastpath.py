@@ -232,6 +232,10 @@ MUTATIONS = {
     "optimizer_step": lambda m: _sgd_step(m),
     "param_data_assign": lambda m: setattr(m.layer1[0].conv2.weight, "data",
                                            m.layer1[0].conv2.weight.detach() * 2.0),
+    "param_replace": lambda m: setattr(m.layer2[1].conv1, "weight",
+                                       torch.nn.Parameter(m.layer2[1].conv1.weight.detach() * -1.0)),
+    "bn_eps": lambda m: setattr(m.layer1[1].bn1, "eps", 0.5),
+    "running_stats_swapped": lambda m: m.layer3[1].bn1.running_var.set_(m.layer3[1].bn1.running_var * 2.0),
 }
 
 
@@ -247,20 +251,163 @@ def test_forward_sees_changed_parameters(path, mutation):
     fused, ref = _model_pair()
     x = torch.randn(2, 3, 32, 32).contiguous(memory_format=CL)
     with torch.no_grad():
-        for _ in range(2):  # the second forward uses the packed weights
+        for _ in range(3):  # the second forward uses the packed weights, the third replays the plans
             assert _rel(fused(x), ref(x)) < 1e-4
+        assert path == "portable" or _plans_of(fused)
         MUTATIONS[mutation](fused)
         MUTATIONS[mutation](ref)
         expected = ref(x)
-        assert _rel(fused(x), expected) < 1e-4
-        assert _rel(fused(x), expected) < 1e-4
+        for _ in range(4):  # stale plans dropped, then new ones made and replayed
+            assert _rel(fused(x), expected) < 1e-4
+
+
+def _plans_of(model):
+    return [p for m in model.modules() for p in RF._PLANS.get(m, {}).values()]
+
+
+# -- inference plans ------------------------------------------------------------------------------------
+def test_plans_replay_the_same_calls(monkeypatch, path):
+    """From the third forward on, every fused block replays its plan: no conv_bias_act call (no
+    per-call decisions), the same result to the bit, explain() still names the backend."""
+    fused, ref = _model_pair()
+    x = torch.randn(2, 3, 24, 24).contiguous(memory_format=CL)
+    with torch.no_grad():
+        y2 = [fused(x) for _ in range(2)][-1]
+        calls = []
+        orig = cpu_backend.CpuBackend.conv_bias_act
+        monkeypatch.setattr(cpu_backend.CpuBackend, "conv_bias_act",
+                            lambda self, *a, **k: calls.append(1) or orig(self, *a, **k))
+        y3, y4 = fused(x), fused(x)
+    assert _rel(y4, ref(x)) < 1e-4
+    if path == "portable":
+        assert not _plans_of(fused) and calls
+        return
+    assert torch.equal(y3, y2) and torch.equal(y4, y2)
+    n_blocks = sum(1 for m in fused.modules() if isinstance(m, (resfuse.nn.BasicBlock, resfuse.nn.Bottleneck)))
+    assert len(_plans_of(fused)) >= n_blocks
+    assert not calls  # the stem (conv + max-pool) and the 8 blocks replay
+    assert backends.last_used()["conv_bn_chain"] == "cpu"
+
+
+def test_plans_follow_the_switches(path):
+    """A plan made on the oneDNN path is not replayed once the portable path is forced (and back)."""
+    if path == "portable":
+        pytest.skip("plans are made on the fast path")
+    fused, ref = _model_pair()
+    x = torch.randn(2, 3, 24, 24).contiguous(memory_format=CL)
+    with torch.no_grad():
+        expected = ref(x)
+        for _ in range(3):
+            fused(x)
+        spy_calls = []
+        ops = cpu_backend.onednn()
+        real = ops.conv
+        ops.conv = lambda *a, **k: spy_calls.append(1) or real(*a, **k)
+        try:
+            with cpu_backend.portable():
+                assert _rel(fused(x), expected) < 1e-4
+            assert not spy_calls
+            assert _rel(fused(x), expected) < 1e-4
+            assert spy_calls
+        finally:
+            ops.conv = real
+
+
+def test_plans_per_input_shape_are_bounded(path):
+    block = randomize_bn(reference.BasicBlock(8, 8)).eval()
+    fused = _fused_twin(block)
+    with torch.no_grad():
+        for hw in (5, 6, 7, 8, 9, 10, 5):
+            x = torch.randn(1, 8, hw, hw).contiguous(memory_format=CL)
+            for _ in range(3):
+                assert _rel(fused(x), block(x)) < 1e-5
+    assert len(RF._PLANS.get(fused.conv1, {})) <= RF._MAX_PLANS
+
+
+# -- consume: the identity shortcut's memory reused for the output ------------------------------------
+def _chain_case(hw=9, c=16):
+    torch.manual_seed(3)
+    block = randomize_bn(reference.BasicBlock(c, c)).eval()
+    fused = _fused_twin(block)
+    x = torch.randn(2, c, hw, hw).contiguous(memory_format=CL)
+    return fused, block, x
+
+
+@pytest.mark.parametrize("consume", [False, True])
+def test_consume_reuses_only_what_it_is_given(path, consume):
+    fused, block, x = _chain_case()
+    layers = ((fused.conv1, fused.bn1), (fused.conv2, fused.bn2))
+    with torch.no_grad():
+        expected = block(x)
+        for i in range(4):  # trial, pack, plan made, plan replayed
+            r = torch.randn_like(x)
+            r_copy = r.clone()
+            y = RF.conv_bn_chain(x, layers, r, True, None, consume)
+            assert _rel(y, block.relu(block.bn2(block.conv2(block.relu(block.bn1(block.conv1(x))))) + r_copy)) < 1e-5
+            if not consume:
+                assert torch.equal(r, r_copy)
+        assert _rel(fused(x), expected) < 1e-5
+
+
+def test_consume_skips_a_residual_sharing_the_input(path):
+    """conv_bn_act(x, residual=x, consume=True): the residual is the conv's own input, never written."""
+    torch.manual_seed(4)
+    conv, bn = torch.nn.Conv2d(16, 16, 1, bias=False), randomize_bn(torch.nn.BatchNorm2d(16)).eval()
+    x = torch.randn(2, 16, 7, 7).contiguous(memory_format=CL)
+    with torch.no_grad():
+        expected = torch.relu(bn(conv(x)) + x)
+        for _ in range(4):
+            x_in = x.clone()
+            assert _rel(RF.conv_bn_chain(x_in, ((conv, bn),), x_in, True, None, True), expected) < 1e-5
+
+
+def test_consume_trial_does_not_corrupt_the_residual(path):
+    """The first call of a shape times every candidate on the same residual: no consuming then."""
+    cpu_conv.set_algo("auto")  # a real trial: oneDNN and both Winograd forms
+    fused, block, x = _chain_case(hw=11, c=24)
+    layers = ((fused.conv1, fused.bn1), (fused.conv2, fused.bn2))
+    with torch.no_grad():
+        y = RF.conv_bn_chain(x, layers, x.clone(), True, None, True)
+        assert _rel(y, block(x)) < 1e-4
+
+
+def test_hooks_see_unconsumed_tensors(path):
+    """A forward hook on a block keeps its output; the next block must not write into it."""
+    fused, ref = _model_pair()
+    x = torch.randn(2, 3, 24, 24).contiguous(memory_format=CL)
+    seen, want = [], []
+    fused.layer1[0].register_forward_hook(lambda m, a, out: seen.append(out))
+    ref.layer1[0].register_forward_hook(lambda m, a, out: want.append(out))
+    with torch.no_grad():
+        for _ in range(4):
+            assert _rel(fused(x), ref(x)) < 1e-4
+    for s_, w_ in zip(seen, want):
+        assert _rel(s_, w_) < 1e-4
+
+
+def test_run_stages_consumes_inside_a_stage(monkeypatch, path):
+    """In a fused ResNet's inference, a block after the first in a stage gets consume=True; the
+    first gets False (its input is the caller's)."""
+    fused, ref = _model_pair()
+    got = []
+    for stage in (fused.layer1, fused.layer2):
+        for blk in stage:
+            orig = blk.forward
+            monkeypatch.setattr(blk, "forward", lambda x, consume=False, _o=orig: got.append(consume) or _o(x, consume))
+    x = torch.randn(2, 3, 24, 24).contiguous(memory_format=CL)
+    with torch.no_grad():
+        assert _rel(fused(x), ref(x)) < 1e-4
+    assert got == [False, True, False, True]
+    got.clear()
+    fused(x)  # gradients on: plain module calls
+    assert got == [False, False, False, False]
 
 
 def test_train_mode_switch_invalidates(path):
     fused, ref = _model_pair()
     x = torch.randn(4, 3, 32, 32).contiguous(memory_format=CL)
     with torch.no_grad():
-        fused(x), fused(x)
+        fused(x), fused(x), fused(x)
     fused.train(), ref.train()
     with torch.no_grad():  # a train-mode forward updates the running statistics
         fused(x), ref(x)
@@ -274,7 +421,7 @@ def test_cast_invalidates(path, cast):
     fused, ref = _model_pair()
     x = torch.randn(2, 3, 32, 32).contiguous(memory_format=CL)
     with torch.no_grad():
-        fused(x), fused(x)
+        fused(x), fused(x), fused(x)
         if cast == "double":
             fused.double(), ref.double()
             x, tol = x.double(), 1e-10

@@ -20,7 +20,7 @@ class ResNet(ref_resnet.ResNet):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = RF.conv_bn_act_pool(x, self.conv1, self.bn1, self.maxpool)
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        x = fnn.run_stages((self.layer1, self.layer2, self.layer3, self.layer4), x)
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
@@ -60,7 +60,7 @@ class CifarResNet(ref_cifar.CifarResNet):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = RF.conv_bn_act(x, self.conv1, self.bn1)
-        x = self.layer3(self.layer2(self.layer1(x)))
+        x = fnn.run_stages((self.layer1, self.layer2, self.layer3), x)
         return self.fc(self.avgpool(x).flatten(1))
 
 

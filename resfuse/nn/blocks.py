@@ -46,19 +46,52 @@ class _FromModule:
 
 
 class BasicBlock(_FromModule, ref_resnet.BasicBlock):
-    """Fused ``relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))``; see ``resfuse.reference.BasicBlock``."""
+    """Fused ``relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))``; see ``resfuse.reference.BasicBlock``.
+    ``consume=True``: the caller gives ``x`` up, so that inference may write the output into it when the
+    shortcut is the identity (see :func:`run_stages`)."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, consume: bool = False) -> torch.Tensor:
         return RF.conv_bn_chain(x, ((self.conv1, self.bn1), (self.conv2, self.bn2)),
-                                shortcut_of(self.downsample, x), relu=True)
+                                shortcut_of(self.downsample, x), True, None, consume)
 
 
 class Bottleneck(_FromModule, ref_resnet.Bottleneck):
-    """Fused 1×1 → 3×3 → 1×1 bottleneck (v1.5: stride on the 3×3); see ``resfuse.reference.Bottleneck``."""
+    """Fused 1×1 → 3×3 → 1×1 bottleneck (v1.5: stride on the 3×3); see ``resfuse.reference.Bottleneck``.
+    ``consume`` as for :class:`BasicBlock`."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, consume: bool = False) -> torch.Tensor:
         return RF.conv_bn_chain(x, ((self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3)),
-                                shortcut_of(self.downsample, x), relu=True)
+                                shortcut_of(self.downsample, x), True, None, consume)
+
+
+def _global_hooks() -> bool:
+    m = nn.modules.module
+    return any(getattr(m, name, None) for name in ("_global_forward_hooks", "_global_forward_pre_hooks",
+                                                   "_global_backward_hooks", "_global_backward_pre_hooks"))
+
+
+def run_stages(stages, x: torch.Tensor) -> torch.Tensor:
+    """``stages[-1](...stages[0](x))`` for a ResNet's stages, with one saving in inference: inside an
+    ``nn.Sequential`` stage, a fused :class:`BasicBlock` / :class:`Bottleneck` that follows another gets
+    its input with ``consume=True`` — that input is the previous block's fresh output, which nothing
+    else can see (neither block nor the stage has hooks, no global module hooks, no tracing) — so its
+    identity-shortcut add writes into that tensor instead of a new buffer. Blocks with hooks, other
+    modules and every call with gradients enabled run as plain module calls."""
+    if torch.is_grad_enabled() or torch.jit.is_tracing() or torch.compiler.is_compiling() or _global_hooks():
+        for stage in stages:
+            x = stage(x)
+        return x
+    for stage in stages:
+        if type(stage) is not nn.Sequential or RF.hooked(stage):
+            x = stage(x)
+            continue
+        owned = False  # the stage's input is the caller's (or seen by a hook on the previous stage)
+        for blk in stage:
+            if type(blk) in (BasicBlock, Bottleneck) and not RF.hooked(blk):
+                x, owned = blk.forward(x, owned), True  # no hooks to run: __call__ is skipped
+            else:
+                x, owned = blk(x), False
+    return x
 
 
 class PreActBasicBlock(_FromModule, ref_preact.PreActBasicBlock):

@@ -101,7 +101,7 @@ class TritonBackend(Backend):
             return y, None, None
         return y, mean, var
 
-    def conv_bias_act(self, x, w, bias, geom: ConvGeom, residual=None, relu=True):
+    def conv_bias_act(self, x, w, bias, geom: ConvGeom, residual=None, relu=True, consume=False):
         if self.supports_conv(x, w, geom) is not None:
             return super().conv_bias_act(x, w, bias, geom, residual, relu)
         return self._conv(x, w, geom, epi_shift=bias, residual=residual, relu=relu)[0]
