@@ -324,6 +324,22 @@ def test_plans_per_input_shape_are_bounded(path):
     assert len(RF._PLANS.get(fused.conv1, {})) <= RF._MAX_PLANS
 
 
+def test_plans_die_with_their_model(path):
+    import gc
+    fused, _ = _model_pair()
+    x = torch.randn(1, 3, 24, 24).contiguous(memory_format=CL)
+    with torch.no_grad():
+        for _ in range(3):
+            fused(x)
+    convs = [m for m in fused.modules() if isinstance(m, torch.nn.Conv2d)]
+    before = len(RF._PLANS)
+    assert path == "portable" or any(c in RF._PLANS for c in convs)
+    n = sum(1 for c in convs if c in RF._PLANS)
+    del fused, convs
+    gc.collect()
+    assert len(RF._PLANS) == before - n
+
+
 # -- consume: the identity shortcut's memory reused for the output ------------------------------------
 def _chain_case(hw=9, c=16):
     torch.manual_seed(3)
