@@ -205,8 +205,9 @@ def test_resnet_eval_matches_eager(path, arch, fmt):
     x = torch.randn(2, 3, hw, hw)
     with torch.no_grad():
         expected = ref(x)
-        for bs in (2, 1, 2):  # two batch sizes: a pack per input shape
+        for bs in (2, 1, 2, 2, 1, 1, 2):  # two batch sizes: a pack, then a plan, per input shape
             assert _rel(fused(x[:bs]), expected[:bs]) < 1e-4
+    assert (path == "portable") == (not _plans_of(fused))
 
 
 # -- cache invalidation -----------------------------------------------------------------------------------
