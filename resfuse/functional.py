@@ -93,7 +93,8 @@ def _pooled(h: torch.Tensor, pool) -> torch.Tensor:
 def _chain(x, layers, shortcut, relu, weights, pool=None, consume=False):
     """:func:`conv_bn_chain` with an optional ``pool = (max-pool module, geometry)`` after the final
     ReLU (no shortcut)."""
-    sig = _plan_sig(x, layers, shortcut, relu, pool) if weights is None and not torch.is_grad_enabled() else None
+    # (a chain whose first BN is in training mode never runs the inference path: no plan to look for)
+    sig = _plan_sig(x, layers, shortcut, relu, pool) if weights is None and not layers[0][1].training else None
     if sig is not None:
         y = _run_plan(sig, x, layers, shortcut, pool, consume)
         if y is not None:
@@ -276,20 +277,30 @@ class _Plan:
 
 def _plan_sig(x, layers, shortcut, relu, pool):
     """What a plan is made for: the input's shape, strides and dtype, the chain's modules and their
-    settings, the shortcut's kind (and a tensor shortcut's layout), the backend choice and threads;
-    None where no plan applies (autocast, torch.compile, tensor subclasses, parametrized weights)."""
+    settings, the shortcut's kind (and a tensor shortcut's layout), grad mode, the backend choice and
+    threads; None where no plan applies (autocast, torch.compile, tensor subclasses, parametrized
+    weights, an input or shortcut that requires grad while grad mode is on). With grad mode on (e.g. a
+    frozen backbone inside a training loop) a plan exists only if no parameter required grad when it
+    was made, and replays only while none does (:func:`_tensor_state`)."""
     if type(x) is not torch.Tensor or torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type):
         return None
+    grad = torch.is_grad_enabled()
     pairs = list(layers)
     if isinstance(shortcut, tuple):
         pairs.append(shortcut[1:])
         xs = shortcut[0]
         sc = (1, None if xs is x else (xs.shape, xs.stride(), xs.dtype, xs.device))
+        if grad and xs.requires_grad:
+            return None
     elif shortcut is None:
         sc = None
     elif type(shortcut) is torch.Tensor:
         sc = (2, shortcut.shape, shortcut.stride(), shortcut.dtype, shortcut.device)
+        if grad and shortcut.requires_grad:
+            return None
     else:
+        return None
+    if grad and x.requires_grad:
         return None
     mods = []
     for c, b in pairs:
@@ -297,7 +308,7 @@ def _plan_sig(x, layers, shortcut, relu, pool):
             return None
         mods += (id(c), id(b), c.stride, c.padding, c.dilation, c.groups, c.padding_mode, b.eps, b.training)
     return (x.shape, x.stride(), x.dtype, x.device, sc, bool(relu), None if pool is None else (id(pool[0]), pool[1]),
-            backends.get_backend_name(), torch.get_num_threads(), tuple(mods))
+            grad, backends.get_backend_name(), torch.get_num_threads(), tuple(mods))
 
 
 def _plan_tensors(layers, shortcut) -> list:
@@ -311,7 +322,7 @@ def _plan_tensors(layers, shortcut) -> list:
 
 
 def _tensor_state(ts) -> tuple:
-    return tuple(None if t is None else (t._version, t.data_ptr()) for t in ts)
+    return tuple(None if t is None else (t._version, t.data_ptr(), t.requires_grad) for t in ts)
 
 
 def _store_plan(sig, be, layers, shortcut, steps) -> None:

@@ -314,6 +314,29 @@ def test_plans_follow_the_switches(path):
             ops.conv = real
 
 
+def test_plans_for_a_frozen_model_with_grad_mode_on(path):
+    """eval() + requires_grad_(False) under grad mode (a frozen backbone in a training loop): plans are
+    made and replayed; once a parameter requires grad again, the chain is an autograd node again."""
+    fused, ref = _model_pair()
+    fused.requires_grad_(False)
+    x = torch.randn(2, 3, 24, 24).contiguous(memory_format=CL)
+    with torch.no_grad():
+        expected = ref(x)
+    for _ in range(4):
+        y = fused(x)
+        assert not y.requires_grad and _rel(y, expected) < 1e-4
+    assert path == "portable" or _plans_of(fused)
+    x_grad = x.clone().requires_grad_()
+    y = fused(x_grad)  # an input that requires grad: the training path, a gradient flows
+    y.sum().backward()
+    assert x_grad.grad is not None and _rel(y, expected) < 1e-4
+    fused.layer1[0].conv1.weight.requires_grad_(True)
+    y = fused(x)
+    assert y.requires_grad and _rel(y, expected) < 1e-4
+    y.sum().backward()
+    assert fused.layer1[0].conv1.weight.grad is not None
+
+
 def test_plans_die_with_their_model(path):
     import gc
     fused, _ = _model_pair()
