@@ -414,6 +414,32 @@ def test_hooks_see_unconsumed_tensors(path):
         assert _rel(s_, w_) < 1e-4
 
 
+def test_a_downsample_modules_output_is_never_consumed(path):
+    """A block whose ``downsample`` is some other module (here one returning a tensor it keeps) adds
+    that module's output: the block never writes into it, even when its own input is given up."""
+    class Keep(torch.nn.Module):
+        def __init__(self, t):
+            super().__init__()
+            self.register_buffer("t", t)
+
+        def forward(self, x):
+            return self.t
+
+    torch.manual_seed(5)
+    first = _fused_twin(randomize_bn(reference.BasicBlock(16, 16)).eval())
+    kept = torch.randn(2, 16, 9, 9).contiguous(memory_format=CL)
+    second = _fused_twin(randomize_bn(reference.BasicBlock(16, 16)).eval())
+    second.downsample = Keep(kept.clone())
+    x = torch.randn(2, 16, 9, 9).contiguous(memory_format=CL)
+    with torch.no_grad():
+        for _ in range(4):
+            y = resfuse.nn.run_stages([torch.nn.Sequential(first, second)], x)
+            assert torch.equal(second.downsample.t, kept)
+        h = first(x)
+        main = second.bn2(second.conv2(second.relu(second.bn1(second.conv1(h)))))
+        assert _rel(y, torch.relu(main + kept)) < 1e-5
+
+
 def test_run_stages_consumes_inside_a_stage(monkeypatch, path):
     """In a fused ResNet's inference, a block after the first in a stage gets consume=True; the
     first gets False (its input is the caller's)."""

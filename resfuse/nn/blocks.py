@@ -48,11 +48,12 @@ class _FromModule:
 class BasicBlock(_FromModule, ref_resnet.BasicBlock):
     """Fused ``relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))``; see ``resfuse.reference.BasicBlock``.
     ``consume=True``: the caller gives ``x`` up, so that inference may write the output into it when the
-    shortcut is the identity (see :func:`run_stages`)."""
+    shortcut is the identity (see :func:`run_stages`); a ``downsample`` module's output is never
+    written into (what it returns, e.g. a view, is not known to be free)."""
 
     def forward(self, x: torch.Tensor, consume: bool = False) -> torch.Tensor:
         return RF.conv_bn_chain(x, ((self.conv1, self.bn1), (self.conv2, self.bn2)),
-                                shortcut_of(self.downsample, x), True, None, consume)
+                                shortcut_of(self.downsample, x), True, None, consume and self.downsample is None)
 
 
 class Bottleneck(_FromModule, ref_resnet.Bottleneck):
@@ -61,7 +62,7 @@ class Bottleneck(_FromModule, ref_resnet.Bottleneck):
 
     def forward(self, x: torch.Tensor, consume: bool = False) -> torch.Tensor:
         return RF.conv_bn_chain(x, ((self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3)),
-                                shortcut_of(self.downsample, x), True, None, consume)
+                                shortcut_of(self.downsample, x), True, None, consume and self.downsample is None)
 
 
 def _global_hooks() -> bool:
