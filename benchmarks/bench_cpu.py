@@ -30,7 +30,9 @@ Providers (all fp32, ``torch.get_num_threads()`` threads, inputs created NCHW):
   converted to channels_last once at the model's input; oneDNN fused convolutions in eval.
 * ``resfuse_portable``: the same with the portable path forced (``cpu_backend.portable()``): ATen conv
   + resfuse ``bn_act``.
-* ``resfuse_nchw``: fused, without the layout helper (NCHW in).
+* ``resfuse_nchw``: fused, without the layout helper (NCHW in; a fused ResNet still converts its input to
+  channels_last once in inference, ``resfuse.layout.inference_input``, but keeps NCHW weights and, in
+  training, NCHW activations).
 * ``convs`` (blocks, eval): the block's convolutions alone (``F.conv2d``, channels_last, BN/ReLU/add
   dropped) — the ceiling for anything built on ATen's convolution.
 

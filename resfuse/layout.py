@@ -13,6 +13,12 @@ at the input is the cheap fix; this module does it without touching the model's 
 model's 4-D parameters (conv weights) in channels_last, as ``model.to(memory_format=...)`` does, so
 that training-mode convolutions (ATen/oneDNN) and their weight gradients stay NHWC too. The returned
 model's outputs are unchanged in value; a 4-D output would be channels_last (a ResNet's logits are 2-D).
+
+The fused ``resfuse.models.ResNet`` / ``CifarResNet`` (what ``resfuse.fuse`` makes of a torchvision or
+reference ResNet) do the input half of this by themselves in CPU inference (:func:`inference_input`):
+a plain ``resfuse.fuse(model)(x)`` with an NCHW ``x`` runs channels_last inside (resnet50, batch 1,
+1 thread: 112 -> 74 ms; eager 114). Forward hooks inside such a model then see channels_last tensors
+(same values). :func:`set_auto` ``(False)`` turns that off.
 """
 from __future__ import annotations
 
@@ -21,9 +27,33 @@ from typing import Any, Tuple
 import torch
 from torch import nn
 
-__all__ = ["channels_last", "to_channels_last", "is_channels_last"]
+__all__ = ["channels_last", "to_channels_last", "is_channels_last", "inference_input", "set_auto"]
 
 _HOOK_ATTR = "_resfuse_channels_last_hook"
+_auto = True
+
+
+def set_auto(enabled: bool) -> None:
+    """Process-wide: whether the fused ResNets convert an NCHW input to channels_last in CPU
+    inference (:func:`inference_input`; default ``True``)."""
+    global _auto
+    _auto = bool(enabled)
+
+
+def inference_input(x: Any) -> Any:
+    """``x`` as channels_last where resfuse's CPU inference would otherwise run NCHW — every oneDNN
+    convolution then reorders its input and output per layer, and Winograd does not apply: a
+    4-D floating-point CPU tensor that is not channels_last, grad mode off, the ``cpu`` backend's oneDNN
+    fast path in force (backend ``auto`` or ``cpu``). Anything else is returned as it is (training
+    keeps the layout the caller chose for activations and weights alike)."""
+    if (not _auto or torch.is_grad_enabled() or type(x) is not torch.Tensor or x.device.type != "cpu"
+            or x.dim() != 4 or not x.is_floating_point() or is_channels_last(x)
+            or torch.compiler.is_compiling() or torch.jit.is_tracing()):
+        return x
+    from . import backends, cpu_backend
+    if backends.get_backend_name() not in ("auto", "cpu") or cpu_backend.onednn_status() is not None:
+        return x
+    return x.contiguous(memory_format=torch.channels_last)
 
 
 def is_channels_last(x: torch.Tensor) -> bool:

@@ -627,6 +627,27 @@ def test_grad_needed_takes_training_path(path):
 
 
 # -- layout helper ----------------------------------------------------------------------------------------
+def test_fused_resnet_runs_channels_last_inside_for_an_nchw_input(path):
+    """resfuse.fuse(model)(x) with an NCHW x: CPU inference converts x once at the model's input
+    (layout.inference_input) — not in training, not on the portable path, not after set_auto(False)."""
+    fused, ref = _model_pair()
+    seen = []
+    fused.layer1.register_forward_pre_hook(lambda m, a: seen.append(layout.is_channels_last(a[0])))
+    x = torch.randn(2, 3, 24, 24)
+    with torch.no_grad():
+        expected = ref(x)
+        assert _rel(fused(x), expected) < 1e-4
+        try:
+            layout.set_auto(False)
+            assert _rel(fused(x), expected) < 1e-4
+        finally:
+            layout.set_auto(True)
+    assert _rel(fused(x), expected) < 1e-4  # grad mode on
+    assert seen == [path != "portable", False, False]
+    assert layout.inference_input(torch.ones(3)).shape == (3,)
+
+
+# -- layout helper (opt-in, also for training) ------------------------------------------------------------
 def test_layout_helper_converts_once():
     fused, ref = _model_pair()
     seen = []

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .. import functional as RF
+from .. import layout
 from .. import nn as fnn
 from ..reference import cifar as ref_cifar
 from ..reference import preact as ref_preact
@@ -16,10 +17,11 @@ from ..reference import resnet as ref_resnet
 
 class ResNet(ref_resnet.ResNet):
     """ImageNet ResNet (see ``resfuse.reference.ResNet``) whose stem conv-BN-ReLU(-max-pool) is one
-    fused unit (:func:`resfuse.functional.conv_bn_act_pool`)."""
+    fused unit (:func:`resfuse.functional.conv_bn_act_pool`). In CPU inference an NCHW input is
+    converted to channels_last once here (:func:`resfuse.layout.inference_input`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = RF.conv_bn_act_pool(x, self.conv1, self.bn1, self.maxpool)
+        x = RF.conv_bn_act_pool(layout.inference_input(x), self.conv1, self.bn1, self.maxpool)
         x = fnn.run_stages((self.layer1, self.layer2, self.layer3, self.layer4), x)
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
@@ -53,13 +55,14 @@ def wide_resnet50_2(**kwargs: Any) -> ResNet:
 
 
 class CifarResNet(ref_cifar.CifarResNet):
-    """CIFAR ResNet (see ``resfuse.reference.CifarResNet``) built from fused BasicBlocks."""
+    """CIFAR ResNet (see ``resfuse.reference.CifarResNet``) built from fused BasicBlocks; an NCHW input
+    is converted to channels_last once in CPU inference, as in :class:`ResNet`."""
 
     def _make_layer(self, planes: int, blocks: int, stride: int) -> nn.Sequential:
         return nn.Sequential(*(fnn.BasicBlock.from_module(b) for b in super()._make_layer(planes, blocks, stride)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = RF.conv_bn_act(x, self.conv1, self.bn1)
+        x = RF.conv_bn_act(layout.inference_input(x), self.conv1, self.bn1)
         x = fnn.run_stages((self.layer1, self.layer2, self.layer3), x)
         return self.fc(self.avgpool(x).flatten(1))
 
