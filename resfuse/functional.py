@@ -334,7 +334,8 @@ def _store_plan(sig, be, layers, shortcut, steps) -> None:
     plan.steps = tuple(steps)
     plans = _PLANS.setdefault(layers[0][0], {})
     if sig not in plans and len(plans) >= _MAX_PLANS:
-        del plans[next(iter(plans))]
+        for oldest in list(plans)[:1]:  # (a copy and pop: another thread may change the dict meanwhile)
+            plans.pop(oldest, None)
     plans[sig] = plan
 
 
@@ -348,7 +349,7 @@ def _run_plan(sig, x, layers, shortcut, pool, consume):
     ts = _plan_tensors(layers, shortcut)
     if (plan.backend.plan_token() != plan.token or any(a is not b for a, b in zip(ts, plan.refs))
             or _tensor_state(ts) != plan.state):
-        del plans[sig]
+        plans.pop(sig, None)
         return None
     return plan.run(x, shortcut, pool, consume)
 
