@@ -255,16 +255,11 @@ class CpuBackend(Backend):
             return None
         key, names = self._inference_key(x, w, bias, geom, residual, relu)
         name = cpu_conv.decided("inference", key, names)
-        cl = _is_channels_last(x)
         if name == "onednn":
+            cl = _is_channels_last(x)
             pw = _peek_pack(w, _PACK_ATTR, _pack_key(geom, x)) if cl else w
-            if pw is None:
-                return None
-            if bias.dtype != x.dtype:
-                bias = bias.to(x.dtype)
-            return functools.partial(_onednn_run, pw, bias, list(geom.padding), list(geom.stride),
-                                     list(geom.dilation), geom.groups, relu, cl)
-        tile = next((t for t, n in cpu_conv.WINOGRAD.items() if n == name), None)
+            return None if pw is None else _onednn_step(pw, bias, geom, relu, cl, x.dtype)
+        tile = cpu_conv.winograd_tile(name)
         if tile is None:
             return None
         chunk = cpu_conv.winograd_chunk(x, tile)
@@ -282,10 +277,7 @@ class CpuBackend(Backend):
     def _onednn_bias_act(self, x, w, bias, geom: ConvGeom, residual, relu, consume=False):
         cl = _is_channels_last(x)
         pw = self._packed(w, geom, x) if cl else w
-        if bias.dtype != x.dtype:  # bf16/fp16: oneDNN wants the bias in the activation dtype
-            bias = bias.to(x.dtype)
-        return _onednn_run(pw, bias, list(geom.padding), list(geom.stride), list(geom.dilation), geom.groups,
-                           relu, cl, x, residual, consume)
+        return _onednn_step(pw, bias, geom, relu, cl, x.dtype)(x, residual, consume)
 
     def _winograd_bias_act(self, x, w, bias, residual, relu, tile):
         """Winograd F(tile x tile, 3x3) with the transformed weight prepacked for oneDNN (the GEMMs:
@@ -319,6 +311,15 @@ class CpuBackend(Backend):
 
 def _pack_key(geom: ConvGeom, x: torch.Tensor) -> tuple:
     return tuple(x.shape), x.dtype, geom
+
+
+def _onednn_step(pw, bias, geom: ConvGeom, relu: bool, cl: bool, dtype):
+    """:func:`_onednn_run` bound to a layer's weight (packed or dense), bias and geometry: the
+    ``step(x, residual, consume)`` both the regular call and an inference plan run."""
+    if bias.dtype != dtype:  # bf16/fp16: oneDNN wants the bias in the activation dtype
+        bias = bias.to(dtype)
+    return functools.partial(_onednn_run, pw, bias, list(geom.padding), list(geom.stride), list(geom.dilation),
+                             geom.groups, relu, cl)
 
 
 def _onednn_run(pw, bias, pad, stride, dil, groups, relu, cl, x, residual, consume):

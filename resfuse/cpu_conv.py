@@ -377,8 +377,7 @@ def _scratch(op: str, algo: str, x, w, gy) -> int:
         return 2 * wb if op == "weight_grad" else wb
     if algo == "gemm":
         return 0 if op == "weight_grad" else gy.numel() // w.shape[0] * x.shape[1] * x.element_size()
-    tile = next(t for t, name in WINOGRAD.items() if name == algo)
-    return (1 if op == "weight_grad" else 2) * points(tile) * wb // 9
+    return (1 if op == "weight_grad" else 2) * points(winograd_tile(algo)) * wb // 9
 
 
 # -- Winograd F(m x m, 3x3), m = 2 or 4: 3x3, stride 1, padding 1 (csrc/cpu/winograd.cpp) -------------
@@ -394,6 +393,11 @@ _WINO_GEOM = ConvGeom((1, 1), (1, 1), (1, 1), 1)
 # the GEMMs run as oneDNN grouped convolutions (private ATen ops, probed by name only: the oneDNN
 # fast path of cpu_backend probes them for correctness; Winograd itself is checked by the tests)
 _HAS_MKLDNN = all(hasattr(torch.ops.mkldnn, n) for n in ("_convolution_pointwise", "_reorder_convolution_weight"))
+
+
+def winograd_tile(name: str) -> Optional[int]:
+    """The tile size of Winograd algorithm ``name`` (:data:`WINOGRAD`), None for a non-Winograd name."""
+    return next((t for t, n in WINOGRAD.items() if n == name), None)
 
 
 def points(tile: int) -> int:

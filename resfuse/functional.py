@@ -285,9 +285,7 @@ def _plan_sig(x, layers, shortcut, relu, pool):
     if type(x) is not torch.Tensor or torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type):
         return None
     grad = torch.is_grad_enabled()
-    pairs = list(layers)
     if isinstance(shortcut, tuple):
-        pairs.append(shortcut[1:])
         xs = shortcut[0]
         sc = (1, None if xs is x else (xs.shape, xs.stride(), xs.dtype, xs.device))
         if grad and xs.requires_grad:
@@ -303,7 +301,7 @@ def _plan_sig(x, layers, shortcut, relu, pool):
     if grad and x.requires_grad:
         return None
     mods = []
-    for c, b in pairs:
+    for c, b in _pairs(layers, shortcut):
         if "weight" not in c._parameters or type(c).forward is not nn.Conv2d.forward:
             return None
         mods += (id(c), id(b), c.stride, c.padding, c.dilation, c.groups, c.padding_mode, b.eps, b.training)
@@ -311,10 +309,14 @@ def _plan_sig(x, layers, shortcut, relu, pool):
             grad, backends.get_backend_name(), torch.get_num_threads(), tuple(mods))
 
 
+def _pairs(layers, shortcut) -> list:
+    """The chain's ``(conv, bn)`` pairs, the projection's last."""
+    return list(layers) + ([shortcut[1:]] if isinstance(shortcut, tuple) else [])
+
+
 def _plan_tensors(layers, shortcut) -> list:
-    pairs = list(layers) + ([shortcut[1:]] if isinstance(shortcut, tuple) else [])
     ts = []
-    for c, b in pairs:
+    for c, b in _pairs(layers, shortcut):
         cp, bp, bb = c._parameters, b._parameters, b._buffers
         ts += (cp.get("weight"), cp.get("bias"), bp.get("weight"), bp.get("bias"), bb.get("running_mean"),
                bb.get("running_var"))
@@ -414,8 +416,8 @@ def _update_running(bn: nn.BatchNorm2d, mean: torch.Tensor, unbiased: torch.Tens
 
 
 def _unfusable(layers, shortcut) -> Optional[str]:
-    convs = [c for c, _ in layers] + ([shortcut[1]] if isinstance(shortcut, tuple) else [])
-    bns = [b for _, b in layers] + ([shortcut[2]] if isinstance(shortcut, tuple) else [])
+    pairs = _pairs(layers, shortcut)
+    convs, bns = [c for c, _ in pairs], [b for _, b in pairs]
     for c in convs:
         if c.bias is not None:
             return "conv has a bias"
