@@ -13,6 +13,7 @@ Two ways to run it:
 
       python benchmarks/bench_cpu.py models   # eval, resnet18/50, batch 1 and 4, 224x224
       python benchmarks/bench_cpu.py train    # train step, resnet18/50, batch 8, 112x112
+      python benchmarks/bench_cpu.py drift    # the same, eager vs resfuse for 2 min each: fast vs slow machine states
       python benchmarks/bench_cpu.py cifar    # train step, CIFAR ResNet-20, 32x32, batch 8/32/128
       python benchmarks/bench_cpu.py blocks   # stage blocks, batch 8: eval and train step
       python benchmarks/bench_cpu.py memory   # peak memory of train steps (models and blocks)
@@ -71,7 +72,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import resfuse  # noqa: E402
-from resfuse import cpu_backend, layout, reference  # noqa: E402
+from resfuse import cpu_backend, cpu_conv, layout, reference  # noqa: E402
 from resfuse.testing import randomize_bn  # noqa: E402
 
 CL = torch.channels_last
@@ -80,6 +81,9 @@ EVAL_HW = 224
 TRAIN_BATCH = 8
 TRAIN_HW = 112
 BLOCK_BATCH = 8
+#: train steps run before any timing or memory reading: past the second trial of every convolution
+#: choice (``cpu_conv.RECHECK_AFTER``), so no trial runs in a measured step
+TRAIN_WARM = cpu_conv.RECHECK_AFTER + 1
 
 # (kind, inplanes, planes, stride, H=W): every distinct block shape of ResNet-18 / ResNet-50 at 224x224
 R18_BLOCKS = [("basic", 64, 64, 1, 56), ("basic", 64, 128, 2, 56), ("basic", 128, 128, 1, 28),
@@ -350,7 +354,7 @@ def _train_table(args, title, first, cases, fmt):
     for label, base, x, y in cases:
         provs = train_providers(base, names)
         wait_quiet(args.quiet)
-        med, _ = interleaved(provs, (x, y), args.reps, warm=2, grad=True)
+        med, _ = interleaved(provs, (x, y), args.reps, warm=TRAIN_WARM, grad=True)
         print(f"| {label} | " + " | ".join(f"{fmt.format(med[n])} ms" for n in names)
               + f" | {med['eager'] / med['resfuse']:.2f}x | "
               + (f"{med['eager_cl'] / med['resfuse']:.2f}x |" if "eager_cl" in med else "- |"), flush=True)
@@ -378,6 +382,44 @@ def run_cifar(args):
                  cases(), "{:.1f}")
 
 
+def run_drift(args):
+    """Train steps of eager and resfuse, interleaved for ``--seconds`` per model, the rounds split at
+    eager's median step time: this machine (a 2-core VM) drifts between a fast and a slow state within
+    seconds, and the two providers slow down by different amounts (the ratio of a short run depends on
+    which state it met). Prints the medians of each half and the per-round ratio's deciles."""
+    names = ["eager", "resfuse"]
+    print(f"# train step (SGD), batch {TRAIN_BATCH}, {TRAIN_HW}x{TRAIN_HW}, fp32, interleaved for {args.seconds:.0f} s "
+          f"per model, rounds split at eager's median — {_machine()}")
+    print("| model | rounds | eager fast | eager slow | resfuse fast | resfuse slow | ratio fast | ratio slow "
+          "| per-round ratio p10 / p50 / p90 |")
+    print("|---" * 9 + "|")
+    for arch in args.archs:
+        base, src = make_model(arch)
+        x, y = torch.randn(TRAIN_BATCH, 3, TRAIN_HW, TRAIN_HW), torch.randint(0, 1000, (TRAIN_BATCH,))
+        provs = train_providers(base, names)
+        for f in provs.values():
+            for _ in range(TRAIN_WARM):
+                f(x, y)
+        times = {k: [] for k in names}
+        end = time.perf_counter() + args.seconds
+        while time.perf_counter() < end or len(times["eager"]) < 4:
+            for k, f in provs.items():
+                t = time.perf_counter()
+                f(x, y)
+                times[k].append((time.perf_counter() - t) * 1e3)
+        cut = statistics.median(times["eager"])
+        fast = [i for i, t in enumerate(times["eager"]) if t < cut]
+        slow = [i for i, t in enumerate(times["eager"]) if t >= cut]
+        med = {(k, h): statistics.median(times[k][i] for i in idx) for k in names
+               for h, idx in (("fast", fast), ("slow", slow))}
+        ratios = [e / r for e, r in zip(times["eager"], times["resfuse"])]
+        dec = statistics.quantiles(ratios, n=10)
+        print(f"| {arch} ({src}) | {len(ratios)} | {med['eager', 'fast']:.0f} ms | {med['eager', 'slow']:.0f} ms | "
+              f"{med['resfuse', 'fast']:.0f} ms | {med['resfuse', 'slow']:.0f} ms | "
+              f"{med['eager', 'fast'] / med['resfuse', 'fast']:.2f}x | {med['eager', 'slow'] / med['resfuse', 'slow']:.2f}x | "
+              f"{dec[0]:.2f} / {statistics.median(ratios):.2f} / {dec[-1]:.2f} |", flush=True)
+
+
 def run_blocks(args):
     ev_names = ["eager", "eager_cl", "resfuse", "convs"]
     tr_names = ["eager", "eager_cl", "resfuse"]
@@ -397,7 +439,7 @@ def run_blocks(args):
             out = ev["resfuse"](x)
         g = torch.randn(out.shape)
         tr = train_providers(blk, tr_names, block=True)
-        mt, _ = interleaved(tr, (x, g), args.reps, warm=2, grad=True)
+        mt, _ = interleaved(tr, (x, g), args.reps, warm=TRAIN_WARM, grad=True)
         r = [me["eager"] / me["resfuse"], me["eager_cl"] / me["resfuse"], me["resfuse"] / me["convs"],
              mt["eager"] / mt["resfuse"], mt["eager_cl"] / mt["resfuse"]]
         ge.append(r[0]), gecl.append(r[1]), gt.append(r[3]), gtcl.append(r[4])
@@ -453,7 +495,7 @@ def measure_peak(kind, name, provider):
         if provider in ("eager_cl", "resfuse"):  # in a network the activations arrive in this layout
             x, g = x.contiguous(memory_format=CL), g.contiguous(memory_format=CL)
         args = (x, g)
-    for _ in range(2):
+    for _ in range(TRAIN_WARM):
         step(*args)
     params = step.params
     for p in params:
@@ -546,7 +588,7 @@ def run_profile(args):
         y = torch.randint(0, 1000, (TRAIN_BATCH,))
         for name in ("eager", "eager_cl", "resfuse"):
             step = train_providers(base, [name])[name]
-            for _ in range(2):
+            for _ in range(TRAIN_WARM):
                 step(x, y)
             with profile(activities=[ProfilerActivity.CPU]) as p:
                 for _ in range(args.reps):
@@ -581,7 +623,7 @@ def run_profile(args):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("what", choices=["models", "train", "cifar", "blocks", "memory", "curve", "profile"])
+    ap.add_argument("what", choices=["models", "train", "drift", "cifar", "blocks", "memory", "curve", "profile"])
     ap.add_argument("--archs", nargs="+", default=["resnet18", "resnet50"])
     ap.add_argument("--batches", nargs="+", type=int, default=list(EVAL_BATCHES))
     ap.add_argument("--providers", nargs="+")
@@ -589,6 +631,7 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--inner", type=int, default=1)
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--seconds", type=float, default=120.0, help="drift: seconds of interleaved steps per model")
     ap.add_argument("--f64", action="store_true", help="curve: also a float64 eager run")
     ap.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
@@ -603,7 +646,7 @@ def main(argv=None):
     global CLOCK
     CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     resfuse.set_backend("cpu")
-    {"models": run_models, "train": run_train, "cifar": run_cifar, "blocks": run_blocks, "memory": run_memory,
+    {"models": run_models, "train": run_train, "drift": run_drift, "cifar": run_cifar, "blocks": run_blocks, "memory": run_memory,
      "curve": run_curve, "profile": run_profile}[args.what](args)
 
 
@@ -611,7 +654,7 @@ def main(argv=None):
 def _bench(benchmark, fn, args, grad=False, **info):
     ctx = torch.enable_grad if grad else torch.no_grad
     with ctx():
-        for _ in range(2):
+        for _ in range(TRAIN_WARM if grad else 2):
             fn(*args)
         benchmark.extra_info.update(dtype="float32", threads=torch.get_num_threads(), torch=torch.__version__,
                                     onednn=cpu_backend.onednn_status() or "available", **info)

@@ -55,12 +55,14 @@ if ROOT not in sys.path:  # script mode from a checkout
     sys.path.insert(0, ROOT)
 
 import resfuse  # noqa: E402
-from resfuse import layout  # noqa: E402
+from resfuse import cpu_conv, layout  # noqa: E402
 from resfuse.models.rir import rir_cifar  # noqa: E402
 from resfuse.nn.rir import GeneralizedResidualLayer  # noqa: E402
 from resfuse.reference import rir as R  # noqa: E402
 
 LAYER_BATCH = 16
+#: train steps before timing: past the second trial of every convolution choice
+TRAIN_WARM = cpu_conv.RECHECK_AFTER + 1
 MODEL_BATCH = 16
 LAYER_SHAPES = [(48, 32), (96, 16), (192, 8)]  # (filters per stream, H = W)
 PROVIDERS = ["fused", "four_conv", "compiled", "conv_alone", "fused_cl", "four_conv_cl", "conv_alone_cl"]
@@ -69,7 +71,7 @@ CL = torch.channels_last
 
 
 def _warm(fn, n=2):
-    """Run ``fn`` ``n`` times; ``torch.compile`` compiles on the first call, with Inductor freezing
+    """Run ``fn`` ``n`` times (train steps: ``TRAIN_WARM``); ``torch.compile`` compiles on the first call, with Inductor freezing
     (BN folded into the conv, weights prepacked for oneDNN: the stronger CPU peer) in effect for
     graphs compiled without grad."""
     with torch._inductor.config.patch(freezing=True):
@@ -129,7 +131,7 @@ def _layer_case(provider, c, hw, train):
 def test_rir_layer(benchmark, provider, c, hw, mode):
     benchmark.group = f"rir-layer-{c}x{hw}-{mode}"
     fn = _layer_case(provider, c, hw, mode == "train")
-    _warm(fn)
+    _warm(fn, TRAIN_WARM if mode == "train" else 2)
     _record(benchmark, provider, mode, shape=[LAYER_BATCH, 2 * c, hw, hw], batch=LAYER_BATCH)
     benchmark(fn)
 
@@ -165,7 +167,7 @@ def _model_case(provider, train):
 def test_rir_cifar(benchmark, provider, mode):
     benchmark.group = f"rir-cifar-{mode}"
     step = _model_case(provider, mode == "train")
-    _warm(step)
+    _warm(step, TRAIN_WARM if mode == "train" else 2)
     _record(benchmark, provider, mode, shape=[MODEL_BATCH, 3, 32, 32], batch=MODEL_BATCH, params=9_492_980)
     benchmark(step)
 
@@ -208,7 +210,7 @@ def main(argv=None):
             cases.append(("rir_cifar", {p: _model_case(p, train) for p in MODEL_PROVIDERS}))
         for name, fns in cases:
             for fn in fns.values():
-                _warm(fn)
+                _warm(fn, TRAIN_WARM if train else 2)
             times = {k: [] for k in fns}
             for _ in range(args.reps):
                 for k, fn in fns.items():

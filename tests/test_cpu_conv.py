@@ -206,6 +206,62 @@ def test_auto_measures_once_per_shape(algo, monkeypatch):
     assert _rel(again, first) < 1e-5 and _rel(first, _aten_backward(gy, x, w, g)[1]) < 1e-5
 
 
+@pytest.mark.parametrize("op", ["forward", "pair"])
+def test_choice_is_checked_again_when_warm(algo, monkeypatch, op):
+    """A measured training choice is timed once more at its RECHECK_AFTER-th run (no warm-up), and
+    that trial decides: a candidate slowed down during the first trial (a cold process) wins the
+    second. Then no more trials; the values stay right throughout."""
+    algo("auto")
+    monkeypatch.setattr(cpu_conv, "RECHECK_AFTER", 2)
+    slow = {"on": True}
+    runs = {"onednn": 0, "gemm": 0}
+    real_timed = cpu_conv._timed
+
+    real_candidates = cpu_conv._candidates
+
+    def candidates(*args):  # each candidate tagged with its name
+        cands = real_candidates(*args)
+        for name, fn in cands.items():
+            fn.algo = name
+        return cands
+
+    def timed(fn):  # gemm looks 1 s slower in the first trial, 1 s faster in the second
+        t, r = real_timed(fn)
+        name = getattr(fn, "algo", None) or fn.args[1]  # a weight gradient's pair: _pair(ni, nw, ...)
+        runs[name] += 1
+        return t + (1.0 if slow["on"] else -1.0) * (name == "gemm"), r
+
+    monkeypatch.setattr(cpu_conv, "_candidates", candidates)
+    monkeypatch.setattr(cpu_conv, "_timed", timed)
+    x, w = _cl(2, 32, 4, 4, dtype=torch.float32), _cl(16, 32, 1, 1, dtype=torch.float32)
+    gy = _cl(2, 16, 4, 4, dtype=torch.float32)
+    g = ConvGeom((1, 1), (0, 0), (1, 1), 1)
+    want_y = F.conv2d(x, w)
+    want_gx, want_gw = cpu_conv._aten_backward(gy, x, w, g, True, True)
+
+    def call():
+        if op == "forward":
+            assert _rel(cpu_conv.forward(x, w, g), want_y) < 1e-5
+        else:
+            gx, gw = cpu_conv.backward(gy, x, w, g, True, True)
+            assert _rel(gx, want_gx) < 1e-5 and _rel(gw, want_gw) < 1e-5
+
+    name = "forward" if op == "forward" else "weight_grad"
+    call()
+    assert {k[0]: v for k, v in cpu_conv.choices().items()}[name] == "onednn"
+    slow["on"] = False
+    timed_runs = sum(runs.values())
+    call()  # the first run by the choice: no trial yet
+    assert sum(runs.values()) == timed_runs
+    call()  # the second run: the trial again, which gemm wins
+    assert sum(runs.values()) == timed_runs + (2 if op == "forward" else 4) * cpu_conv._TRIALS
+    assert {k[0]: v for k, v in cpu_conv.choices().items()}[name] == "gemm"
+    timed_runs = sum(runs.values())
+    for _ in range(3):
+        call()
+    assert sum(runs.values()) == timed_runs and not cpu_conv._recheck
+
+
 def test_per_tap_weight_gradient_needs_input_channels():
     """Few input channels (a 3-channel stem) make every tap's GEMM tiny: not tried (oneDNN runs)."""
     g = ConvGeom((2, 2), (3, 3), (1, 1), 1)
