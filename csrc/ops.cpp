@@ -60,6 +60,32 @@ TORCH_LIBRARY(resfuse, m) {
       "Tensor a, Tensor b, Tensor d, bool relu, bool accumulate) -> ()",
       {at::Tag::pt2_compliant_tag});
 
+  // CPU only (csrc/cpu/bn_params.cpp): the per-channel arithmetic of one BN layer, one call each
+  // instead of a few tensor ops from Python. Vectors are [C], float32 or float64 (all one dtype).
+  // bn_normalize: invstd = 1 / sqrt(var + eps), scale = weight * invstd (invstd without weight),
+  // shift = bias - mean * scale (-(mean * invstd) without weight; weight and bias go together),
+  // unbiased = var * count / max(count - 1, 1).
+  m.def(
+      "bn_normalize(Tensor mean, Tensor var, Tensor? weight, Tensor? bias, float eps, int count) "
+      "-> (Tensor invstd, Tensor scale, Tensor shift, Tensor unbiased)",
+      {at::Tag::pt2_compliant_tag});
+
+  // The coefficients of dL/dy = a * dz + b * y + d from bn_act_backward_reduce's sums: xmu =
+  // sum_dz_xmu * invstd (dL/dweight), a = weight * invstd (invstd without weight); with batch_stats
+  // b = -(a * invstd * xmu) / count and d = -(a * sum_dz + count * b * mean) / count, else 0.
+  m.def(
+      "bn_backward_coefficients(Tensor sum_dz, Tensor sum_dz_xmu, Tensor mean, Tensor invstd, Tensor? weight, "
+      "int count, bool batch_stats) -> (Tensor a, Tensor b, Tensor d, Tensor xmu)",
+      {at::Tag::pt2_compliant_tag});
+
+  // In place, nn.BatchNorm2d's running-statistics update for a float momentum: running_mean =
+  // (1 - momentum) * running_mean + momentum * mean, running_var likewise with unbiased,
+  // num_batches_tracked (int64, one element) += 1.
+  m.def(
+      "bn_running_update_(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor(c!) num_batches_tracked, "
+      "Tensor mean, Tensor unbiased, float momentum) -> ()",
+      {at::Tag::pt2_compliant_tag});
+
   // CPU only (csrc/cpu/max_pool_act.cpp): a ResNet stem's BN-apply + ReLU + max-pool in one pass.
   // output = max_pool2d(relu(input * scale[c] + shift[c]), kernel_size, stride, padding) (dilation 1,
   // floor mode; ATen's choice among equal maxima, NaN propagating); argmax: uint8, per output element

@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 
 from . import backends
+from .ops import bn_act as prim
 from .ops.chain import ChainSpec, ConvBNChainFunction, LayerSpec, as_dtype
 
 Shortcut = Union[None, torch.Tensor, Tuple[torch.Tensor, nn.Conv2d, nn.BatchNorm2d]]
@@ -403,8 +404,12 @@ def _update_running(bn: nn.BatchNorm2d, mean: torch.Tensor, unbiased: torch.Tens
     ``momentum=None`` → cumulative average, ``num_batches_tracked``)."""
     if not (bn.training and bn.track_running_stats):
         return
-    bn.num_batches_tracked.add_(1)
     rm, rv = bn.running_mean, bn.running_var
+    if (bn.momentum is not None and prim.params_in_cpp(rm) and rm.dtype == rv.dtype == mean.dtype
+            and rm.is_contiguous() and rv.is_contiguous()):
+        prim.bn_running_update_(rm, rv, bn.num_batches_tracked, mean, unbiased, bn.momentum)
+        return
+    bn.num_batches_tracked.add_(1)
     if bn.momentum is None:
         factor = 1.0 / bn.num_batches_tracked.to(torch.float64)
         rm.add_(((mean.to(torch.float64) - rm) * factor).to(rm.dtype))

@@ -1,6 +1,8 @@
 """The primitive ops of ``docs/architecture.md`` as ``torch.ops.resfuse.*``: typed wrappers and the
 fake (meta) kernels that let ``torch.compile`` trace through them — the four BN primitives, the
-in-place apply, and the CPU stem's ``bn_act_max_pool`` / ``max_pool_act_backward``.
+in-place apply, the CPU stem's ``bn_act_max_pool`` / ``max_pool_act_backward``, and the CPU
+per-channel ops ``bn_normalize`` / ``bn_backward_coefficients`` / ``bn_running_update_`` that the
+fused chain calls instead of a few tensor ops per BN layer where :func:`params_in_cpp` says so.
 
 Conventions shared by every op:
 
@@ -27,7 +29,8 @@ from torch._prims_common import suggest_memory_format
 from .. import _extension
 
 __all__ = ["bn_act", "bn_act_backward_apply", "bn_act_backward_apply_", "bn_act_backward_reduce", "bn_act_max_pool",
-           "bn_stats", "max_pool_act_backward"]
+           "bn_backward_coefficients", "bn_normalize", "bn_running_update_", "bn_stats", "max_pool_act_backward",
+           "params_in_cpp"]
 
 
 def _op(name: str):
@@ -125,6 +128,51 @@ def max_pool_act_backward(grad_output: Tensor, argmax: Tensor, input: Tensor, ke
     return _op("max_pool_act_backward")(grad_output, argmax, input, list(kernel_size), list(stride), list(padding))
 
 
+# ---- per-channel arithmetic of a BN layer (CPU, csrc/cpu/bn_params.cpp) ----------------------------
+# bound once: these run per BN layer and train step, where a lookup per call would add ~1 us each
+_NORMALIZE = torch.ops.resfuse.bn_normalize.default if _extension.LOADED else None
+_COEFFICIENTS = torch.ops.resfuse.bn_backward_coefficients.default if _extension.LOADED else None
+_RUNNING_UPDATE = torch.ops.resfuse.bn_running_update_.default if _extension.LOADED else None
+
+
+def params_in_cpp(t: Tensor) -> bool:
+    """Whether a BN layer's per-channel arithmetic on ``t``'s device runs as the one-call C++ ops
+    below: CPU tensors with the extension loaded, in eager mode. Elsewhere the callers use their
+    tensor-op form: on a GPU each op is an asynchronous launch anyway, and under ``torch.compile``
+    Inductor fuses that form into one kernel."""
+    return _NORMALIZE is not None and t.is_cpu and not torch.compiler.is_compiling()
+
+
+def bn_normalize(mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
+                 count: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(invstd, scale, shift, unbiased)`` of a BN layer from its (batch or running) ``mean`` and
+    biased ``var``: ``invstd = 1 / sqrt(var + eps)``, ``scale = weight * invstd`` (``invstd`` without
+    ``weight``), ``shift = bias - mean * scale`` (``-(mean * invstd)``), ``unbiased = var * count /
+    max(count - 1, 1)`` for the running-variance update. All ``[C]`` float32 or float64 CPU tensors of
+    one dtype; ``weight`` and ``bias`` go together."""
+    return _NORMALIZE(mean, var, weight, bias, eps, count)
+
+
+def bn_backward_coefficients(sum_dz: Tensor, sum_dz_xmu: Tensor, mean: Tensor, invstd: Tensor,
+                             weight: Tensor | None, count: int, batch_stats: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(a, b, d, xmu)`` with ``dL/dy = a * dz + b * y + d`` for the sums of
+    :func:`bn_act_backward_reduce` over ``count`` values per channel: ``xmu = sum_dz_xmu * invstd``
+    (the weight's gradient), ``a = weight * invstd`` (``invstd`` without ``weight``); with
+    ``batch_stats`` ``b = -(a * invstd * xmu) / count`` and ``d = -(a * sum_dz + count * b * mean) /
+    count``, else ``b = d = 0`` (normalised by running statistics). ``[C]`` CPU vectors of one dtype,
+    float32 or float64."""
+    return _COEFFICIENTS(sum_dz, sum_dz_xmu, mean, invstd, weight, count, batch_stats)
+
+
+def bn_running_update_(running_mean: Tensor, running_var: Tensor, num_batches_tracked: Tensor, mean: Tensor,
+                       unbiased: Tensor, momentum: float) -> None:
+    """In place, ``nn.BatchNorm2d``'s update for a float ``momentum``: ``running_mean = (1 - momentum)
+    * running_mean + momentum * mean``, ``running_var`` likewise with ``unbiased``,
+    ``num_batches_tracked += 1``. ``[C]`` contiguous CPU vectors of one dtype (float32 or float64) and
+    a one-element int64 counter."""
+    _RUNNING_UPDATE(running_mean, running_var, num_batches_tracked, mean, unbiased, momentum)
+
+
 # ---- fake kernels: output metadata only (shapes, dtypes, memory format), for torch.compile ----------
 
 def _like_input(input: Tensor) -> Tensor:
@@ -178,3 +226,15 @@ if _extension.LOADED:
     @torch.library.register_fake("resfuse::max_pool_act_backward")
     def _max_pool_act_backward_fake(grad_output, argmax, input, kernel_size, stride, padding):
         return _like_input(input)
+
+    @torch.library.register_fake("resfuse::bn_normalize")
+    def _bn_normalize_fake(mean, var, weight, bias, eps, count):
+        return tuple(torch.empty_like(mean, memory_format=torch.contiguous_format) for _ in range(4))
+
+    @torch.library.register_fake("resfuse::bn_backward_coefficients")
+    def _bn_backward_coefficients_fake(sum_dz, sum_dz_xmu, mean, invstd, weight, count, batch_stats):
+        return tuple(torch.empty_like(mean, memory_format=torch.contiguous_format) for _ in range(4))
+
+    @torch.library.register_fake("resfuse::bn_running_update_")
+    def _bn_running_update_fake(running_mean, running_var, num_batches_tracked, mean, unbiased, momentum):
+        return None

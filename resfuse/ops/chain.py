@@ -40,6 +40,7 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 
 from ..backends import ConvGeom, instance
+from . import bn_act as prim
 
 
 class LayerSpec(NamedTuple):
@@ -82,7 +83,9 @@ def _count(y: torch.Tensor) -> int:
 
 
 def _normaliser(y, mean, var, gamma, beta, rm, rv, L: LayerSpec, spec: ChainSpec, be):
-    """Per-channel ``(mean, invstd, scale, shift, count)`` of one layer, in the statistics dtype."""
+    """Per-channel ``(mean, invstd, scale, shift, count, unbiased)`` of one layer, in the statistics
+    dtype (``unbiased``: the batch variance for the running-variance update, None for a layer
+    normalised by its running statistics)."""
     sd = _stat_dtype(y)
     count = _count(y)
     if L.batch_stats and count == 1 and not spec.sync:
@@ -94,22 +97,32 @@ def _normaliser(y, mean, var, gamma, beta, rm, rv, L: LayerSpec, spec: ChainSpec
         mean, var = as_dtype(mean, sd), as_dtype(var, sd)
     else:
         mean, var = as_dtype(rm, sd), as_dtype(rv, sd)
+    gamma, beta = (as_dtype(gamma, sd), as_dtype(beta, sd)) if L.affine else (None, None)
+    if prim.params_in_cpp(mean):
+        invstd, scale, shift, unbiased = prim.bn_normalize(mean, var, gamma, beta, L.eps, count)
+        return mean, invstd, scale, shift, count, unbiased if L.batch_stats else None
     invstd = (var + L.eps).rsqrt_()
     if L.affine:
-        scale = invstd * as_dtype(gamma, sd)
-        shift = torch.addcmul(as_dtype(beta, sd), mean, scale, value=-1)  # beta - mean * scale
+        scale = invstd * gamma
+        shift = torch.addcmul(beta, mean, scale, value=-1)  # beta - mean * scale
     else:
         scale, shift = invstd, (mean * invstd).neg_()
-    return mean, invstd, scale, shift, count, var
+    unbiased = var * (count / max(count - 1, 1)) if L.batch_stats else None
+    return mean, invstd, scale, shift, count, unbiased
 
 
 def _coefficients(sum_dz, sum_dz_xmu, mean, invstd, gamma, count, L: LayerSpec, spec: ChainSpec):
     """``(a, b, d, grad_gamma, grad_beta)`` of one layer from its reduced gradient sums (``a`` may be
     ``invstd`` itself; none of them is written to)."""
     # dgamma/dbeta stay per-rank (DDP averages parameter gradients, as with nn.SyncBatchNorm)
+    synced = L.batch_stats and spec.sync
+    if not synced and prim.params_in_cpp(invstd):
+        a, b, d, xmu = prim.bn_backward_coefficients(sum_dz, sum_dz_xmu, mean, invstd,
+                                                     as_dtype(gamma, invstd.dtype) if L.affine else None,
+                                                     count, L.batch_stats)
+        return (a, b, d, xmu, sum_dz) if L.affine else (a, b, d, None, None)
     grad_gamma = (sum_dz_xmu * invstd) if L.affine else None
     grad_beta = sum_dz if L.affine else None
-    synced = L.batch_stats and spec.sync
     if synced:
         from .. import distributed
         sum_dz, sum_dz_xmu = distributed.sync_grad_sums(sum_dz, sum_dz_xmu, spec.group)
@@ -149,10 +162,10 @@ class ConvBNChainFunction(torch.autograd.Function):
         for i, L in enumerate(spec.layers):
             w, gamma, beta, rm, rv = flat[_PER_LAYER * i:_PER_LAYER * (i + 1)]
             y, mean, var = be.conv_stats(inp, w, L.geom, prologue, stats=L.batch_stats)
-            mean, invstd, scale, shift, count, var = _normaliser(y, mean, var, gamma, beta, rm, rv, L, spec, be)
+            mean, invstd, scale, shift, count, unbiased = _normaliser(y, mean, var, gamma, beta, rm, rv, L, spec, be)
             ys.append(y)
             norms.append((mean, invstd, scale, shift, count))
-            stats_out += _stats_out(L, mean, var, count, y)
+            stats_out += _stats_out(L, mean, unbiased, y)
             if i < k - 1:
                 inp, prologue = None, (y, scale, shift, True)
 
@@ -171,7 +184,7 @@ class ConvBNChainFunction(torch.autograd.Function):
             norm_s = _normaliser(ys_s, mean_s, var_s, gs, bs, rms, rvs, Ls, spec, be)
             residual, res_scale = ys_s, norm_s[2]
             shift = shift + norm_s[3]
-            stats_out += _stats_out(Ls, norm_s[0], norm_s[5], norm_s[4], xs)
+            stats_out += _stats_out(Ls, norm_s[0], norm_s[5], xs)
         if spec.pool is not None:  # out = max_pool(relu(bn(y))); saved: the uint8 argmax instead of out
             out, keep = be.bn_act_max_pool(ys[-1], scale, shift, *spec.pool)
         else:
@@ -389,11 +402,11 @@ def _cheap(w: torch.Tensor, geom: ConvGeom, y: torch.Tensor) -> bool:
     return macs <= RECOMPUTE_MACS_PER_BYTE * y.element_size()
 
 
-def _stats_out(L: LayerSpec, mean, var, count, like):
+def _stats_out(L: LayerSpec, mean, unbiased, like):
     """``[mean, unbiased var]`` for the running-stat update (empty tensors for running-stat layers)."""
     if not L.batch_stats:
         return [like.new_empty(0), like.new_empty(0)]
-    return [mean, var * (count / max(count - 1, 1))]
+    return [mean, unbiased]
 
 
 def _put_affine(grads, layer, grad_gamma, grad_beta, dtype):
