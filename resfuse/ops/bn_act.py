@@ -33,10 +33,16 @@ __all__ = ["bn_act", "bn_act_backward_apply", "bn_act_backward_apply_", "bn_act_
            "params_in_cpp"]
 
 
+_BOUND: dict = {}  # name -> torch.ops.resfuse.<name>.default, looked up once (~1 us a call otherwise)
+
+
 def _op(name: str):
-    if not _extension.LOADED:
-        raise RuntimeError(f"torch.ops.resfuse.{name} is unavailable: {_extension.ERROR}")
-    return getattr(torch.ops.resfuse, name).default
+    fn = _BOUND.get(name)
+    if fn is None:
+        if not _extension.LOADED:
+            raise RuntimeError(f"torch.ops.resfuse.{name} is unavailable: {_extension.ERROR}")
+        fn = _BOUND[name] = getattr(torch.ops.resfuse, name).default
+    return fn
 
 
 def bn_stats(input: Tensor) -> tuple[Tensor, Tensor]:
@@ -129,18 +135,12 @@ def max_pool_act_backward(grad_output: Tensor, argmax: Tensor, input: Tensor, ke
 
 
 # ---- per-channel arithmetic of a BN layer (CPU, csrc/cpu/bn_params.cpp) ----------------------------
-# bound once: these run per BN layer and train step, where a lookup per call would add ~1 us each
-_NORMALIZE = torch.ops.resfuse.bn_normalize.default if _extension.LOADED else None
-_COEFFICIENTS = torch.ops.resfuse.bn_backward_coefficients.default if _extension.LOADED else None
-_RUNNING_UPDATE = torch.ops.resfuse.bn_running_update_.default if _extension.LOADED else None
-
-
 def params_in_cpp(t: Tensor) -> bool:
     """Whether a BN layer's per-channel arithmetic on ``t``'s device runs as the one-call C++ ops
     below: CPU tensors with the extension loaded, in eager mode. Elsewhere the callers use their
     tensor-op form: on a GPU each op is an asynchronous launch anyway, and under ``torch.compile``
     Inductor fuses that form into one kernel."""
-    return _NORMALIZE is not None and t.is_cpu and not torch.compiler.is_compiling()
+    return _extension.LOADED and t.is_cpu and not torch.compiler.is_compiling()
 
 
 def bn_normalize(mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
@@ -150,7 +150,7 @@ def bn_normalize(mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor 
     ``weight``), ``shift = bias - mean * scale`` (``-(mean * invstd)``), ``unbiased = var * count /
     max(count - 1, 1)`` for the running-variance update. All ``[C]`` float32 or float64 CPU tensors of
     one dtype; ``weight`` and ``bias`` go together."""
-    return _NORMALIZE(mean, var, weight, bias, eps, count)
+    return _op("bn_normalize")(mean, var, weight, bias, eps, count)
 
 
 def bn_backward_coefficients(sum_dz: Tensor, sum_dz_xmu: Tensor, mean: Tensor, invstd: Tensor,
@@ -161,7 +161,7 @@ def bn_backward_coefficients(sum_dz: Tensor, sum_dz_xmu: Tensor, mean: Tensor, i
     ``batch_stats`` ``b = -(a * invstd * xmu) / count`` and ``d = -(a * sum_dz + count * b * mean) /
     count``, else ``b = d = 0`` (normalised by running statistics). ``[C]`` CPU vectors of one dtype,
     float32 or float64."""
-    return _COEFFICIENTS(sum_dz, sum_dz_xmu, mean, invstd, weight, count, batch_stats)
+    return _op("bn_backward_coefficients")(sum_dz, sum_dz_xmu, mean, invstd, weight, count, batch_stats)
 
 
 def bn_running_update_(running_mean: Tensor, running_var: Tensor, num_batches_tracked: Tensor, mean: Tensor,
@@ -170,7 +170,7 @@ def bn_running_update_(running_mean: Tensor, running_var: Tensor, num_batches_tr
     * running_mean + momentum * mean``, ``running_var`` likewise with ``unbiased``,
     ``num_batches_tracked += 1``. ``[C]`` contiguous CPU vectors of one dtype (float32 or float64) and
     a one-element int64 counter."""
-    _RUNNING_UPDATE(running_mean, running_var, num_batches_tracked, mean, unbiased, momentum)
+    _op("bn_running_update_")(running_mean, running_var, num_batches_tracked, mean, unbiased, momentum)
 
 
 # ---- fake kernels: output metadata only (shapes, dtypes, memory format), for torch.compile ----------
