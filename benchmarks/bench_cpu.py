@@ -81,9 +81,8 @@ EVAL_HW = 224
 TRAIN_BATCH = 8
 TRAIN_HW = 112
 BLOCK_BATCH = 8
-#: train steps run before any timing or memory reading: past the second trial of every convolution
-#: choice (``cpu_conv.RECHECK_AFTER``), so no trial runs in a measured step
-TRAIN_WARM = cpu_conv.RECHECK_AFTER + 1
+#: train steps run before any timing or memory reading, so that no convolution trial runs in a measured step
+TRAIN_WARM = cpu_conv.warm_steps()
 
 # (kind, inplanes, planes, stride, H=W): every distinct block shape of ResNet-18 / ResNet-50 at 224x224
 R18_BLOCKS = [("basic", 64, 64, 1, 56), ("basic", 64, 128, 2, 56), ("basic", 128, 128, 1, 28),

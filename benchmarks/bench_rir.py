@@ -61,8 +61,8 @@ from resfuse.nn.rir import GeneralizedResidualLayer  # noqa: E402
 from resfuse.reference import rir as R  # noqa: E402
 
 LAYER_BATCH = 16
-#: train steps before timing: past the second trial of every convolution choice
-TRAIN_WARM = cpu_conv.RECHECK_AFTER + 1
+#: train steps before timing, so that no convolution trial runs in a timed step
+TRAIN_WARM = cpu_conv.warm_steps()
 MODEL_BATCH = 16
 LAYER_SHAPES = [(48, 32), (96, 16), (192, 8)]  # (filters per stream, H = W)
 PROVIDERS = ["fused", "four_conv", "compiled", "conv_alone", "fused_cl", "four_conv_cl", "conv_alone_cl"]

@@ -85,8 +85,7 @@ def main(argv=None) -> int:
             def step():
                 with torch.no_grad():
                     model(x)
-        # CPU train steps: past the second trial of every convolution choice (cpu_conv.RECHECK_AFTER)
-        warm = cpu_conv.RECHECK_AFTER + 1 if train and torch.device(device).type == "cpu" else 2
+        warm = cpu_conv.warm_steps() if train and torch.device(device).type == "cpu" else 2
         return median_seconds(step, args.repeats, device, warmup=warm)
 
     rows = []

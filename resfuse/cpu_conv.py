@@ -15,11 +15,11 @@ call). Which one wins
 depends on the shape, the batch, the thread count and the CPU, so nothing is hard-coded: the first
 call of each shape times every candidate (``min`` of three runs each, after one warm-up run) and the
 fastest is kept for the process, like ``torch.backends.cudnn.benchmark`` — checked once more when the
-process is warm: a training convolution's :data:`RECHECK_AFTER`-th run by its choice times the
-candidates again, and that second trial decides. (A first trial runs on the first train step, in a
-cold process — allocator, page faults, caches: on resnet18 and resnet50, 2 threads, two processes
-in four kept F(2x2) for their first 3x3 layer, where F(4x4) takes 1.10-1.63 ms against 1.65-2.52,
-~3 % of a resnet18 step.) A candidate must be 5 %
+process is warm: the :data:`RECHECK_AFTER`-th call of a training convolution after its first trial
+times the candidates again, and that second trial decides (:func:`warm_steps`). (A first trial runs
+on the first train step, in a cold process — allocator, page faults, caches: on resnet18 and
+resnet50, 2 threads, two processes in four kept F(2x2) for their first 3x3 layer, where F(4x4) takes
+1.10-1.63 ms against 1.65-2.52, ~3 % of a resnet18 step.) A candidate must be 5 %
 faster than the preferred one to be chosen, so near-ties stay on oneDNN — or, for a weight gradient,
 on the per-tap GEMM, which holds far less memory.
 
@@ -74,7 +74,7 @@ _MARGIN = 0.95  # an alternative is chosen only if it takes < 95 % of the prefer
 #: far less memory (oneDNN's holds ~2 weight-sized buffers besides its result; see :func:`_scratch`)
 _PREFERRED = {"weight_grad": "gemm"}
 _TRIALS = 3  # timed runs per candidate at a first call (after one warm-up run); the best counts
-#: runs of a training convolution by its measured choice after which the trial is repeated once
+#: calls of a training convolution after its first trial at which the trial is repeated once
 RECHECK_AFTER = 8
 _MIN_TAP_CHANNELS = 32  # input channels below which the per-tap weight gradient is not tried
 #: oneDNN's input and weight gradients run as two calls (weight gradient first) only where that lowers
@@ -92,7 +92,7 @@ def _env_algo() -> str:
 _algo = _env_algo()
 _choices: Dict[tuple, str] = {}
 _memo: Dict[tuple, str] = {}  # (op, *key, threads) -> what ran, forced and single-candidate cases too
-_recheck: Dict[tuple, int] = {}  # (op, *key, threads) -> runs by the choice left until its second trial
+_recheck: Dict[tuple, int] = {}  # (op, *key, threads) -> calls left until its second trial
 _lock = threading.Lock()
 
 
@@ -112,6 +112,13 @@ def set_algo(name: Optional[str]) -> None:
 
 def get_algo() -> str:
     return _algo
+
+
+def warm_steps() -> int:
+    """Train steps after which no trial runs any more (what a benchmark runs before timing): every
+    convolution of a step runs at least once per step, and its second trial is its
+    ``RECHECK_AFTER + 1``-th call."""
+    return RECHECK_AFTER + 1
 
 
 @contextlib.contextmanager

@@ -208,9 +208,9 @@ def test_auto_measures_once_per_shape(algo, monkeypatch):
 
 @pytest.mark.parametrize("op", ["forward", "pair"])
 def test_choice_is_checked_again_when_warm(algo, monkeypatch, op):
-    """A measured training choice is timed once more at its RECHECK_AFTER-th run (no warm-up), and
-    that trial decides: a candidate slowed down during the first trial (a cold process) wins the
-    second. Then no more trials; the values stay right throughout."""
+    """A measured training choice is timed once more at the RECHECK_AFTER-th call after its trial (no
+    warm-up), and that trial decides: a candidate slowed down during the first trial (a cold process)
+    wins the second. Then no more trials; the values stay right throughout."""
     algo("auto")
     monkeypatch.setattr(cpu_conv, "RECHECK_AFTER", 2)
     slow = {"on": True}
