@@ -71,9 +71,12 @@ def test_bn_stats(shape, dtype, channels_last):
 
 
 @pytest.mark.parametrize("channels_last", LAYOUTS)
-def test_bn_stats_large_mean(channels_last):
+@pytest.mark.parametrize("shape", [(8, 4, 56, 56), (8, 2048, 4, 4), (3, 1030, 5, 3)], ids=str)
+def test_bn_stats_large_mean(channels_last, shape):
     # mean 1e4, std 1 in float32: raw sum/sum^2 in float32 would leave no correct digit of var.
-    x = rand_activation((8, 4, 56, 56), torch.float32, channels_last, offset=1e4)
+    # (many channels on a small map: channels_last rows are few chunks of few rows each, merged per
+    # channel block by block)
+    x = rand_activation(shape, torch.float32, channels_last, offset=1e4)
     mean, var = ops.bn_stats(x)
     x64 = x.double()
     ref_var, ref_mean = torch.var_mean(x64, dim=(0, 2, 3), unbiased=False)
