@@ -116,8 +116,16 @@ def torchvision_models():
 
 
 def make_model(arch):
-    """``(model, source)``: torchvision's ``arch`` (else resfuse.reference's, same structure)."""
+    """``(model, source)``: torchvision's ``arch`` (else resfuse.reference's, same structure); timm's
+    ``name`` for ``arch = "timm:<name>"`` (e.g. ``timm:seresnet50``)."""
     torch.manual_seed(0)
+    if arch.startswith("timm:"):
+        sys.path.insert(0, os.path.join(ROOT, "tests"))
+        try:
+            from tvshim import import_timm
+            return import_timm().create_model(arch[5:]), "timm"
+        finally:
+            sys.path.pop(0)
     tv = torchvision_models()
     if tv is not None:
         return getattr(tv, arch)(), "torchvision"
@@ -623,7 +631,8 @@ def run_profile(args):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("what", choices=["models", "train", "drift", "cifar", "blocks", "memory", "curve", "profile"])
-    ap.add_argument("--archs", nargs="+", default=["resnet18", "resnet50"])
+    ap.add_argument("--archs", nargs="+", default=["resnet18", "resnet50"],
+                    help="torchvision model names, or timm:<name> (e.g. timm:seresnet50)")
     ap.add_argument("--batches", nargs="+", type=int, default=list(EVAL_BATCHES))
     ap.add_argument("--providers", nargs="+")
     ap.add_argument("--blocks", nargs="+", help="block ids (e.g. R18-64-64-s1-56); default: all")

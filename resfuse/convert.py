@@ -92,7 +92,9 @@ class Pattern(NamedTuple):
 _TV_BASIC = {"conv1": "conv", "bn1": "bn", "relu": "relu", "conv2": "conv", "bn2": "bn", "downsample": "shortcut?"}
 _TV_BOTTLENECK = {"conv1": "conv", "bn1": "bn", "conv2": "conv", "bn2": "bn", "conv3": "conv", "bn3": "bn",
                   "relu": "relu", "downsample": "shortcut?"}
-_TIMM_EXTRAS = {"se": "identity?", "drop_path": "identity?", "downsample": "shortcut?"}
+# timm's anti-aliasing, attention and stochastic depth run as modules between fused chains
+# (resfuse.nn.blocks._split_forward); drop_block (before a ReLU) must be nn.Identity
+_TIMM_EXTRAS = {"aa": "call", "se": "call?", "drop_path": "call?", "downsample": "shortcut?"}
 _RESNET_BODY = {"avgpool": "call", "fc": "call"}
 
 PATTERNS: tuple[Pattern, ...] = (
@@ -101,11 +103,11 @@ PATTERNS: tuple[Pattern, ...] = (
     Pattern(("resfuse.reference.resnet.Bottleneck", "torchvision.models.resnet.Bottleneck"),
             fnn.Bottleneck, _TV_BOTTLENECK),
     Pattern(("timm.models.resnet.BasicBlock",), fnn.BasicBlock,
-            {"conv1": "conv", "bn1": "bn", "drop_block": "identity", "act1": "relu", "aa": "identity",
-             "conv2": "conv", "bn2": "bn", "act2": "relu", **_TIMM_EXTRAS}),
+            {"conv1": "conv", "bn1": "bn", "drop_block": "identity", "act1": "relu", "conv2": "conv", "bn2": "bn",
+             "act2": "relu", **_TIMM_EXTRAS}),
     Pattern(("timm.models.resnet.Bottleneck",), fnn.Bottleneck,
             {"conv1": "conv", "bn1": "bn", "act1": "relu", "conv2": "conv", "bn2": "bn", "drop_block": "identity",
-             "act2": "relu", "aa": "identity", "conv3": "conv", "bn3": "bn", "act3": "relu", **_TIMM_EXTRAS}),
+             "act2": "relu", "conv3": "conv", "bn3": "bn", "act3": "relu", **_TIMM_EXTRAS}),
     Pattern(("resfuse.reference.preact.PreActBasicBlock",), fnn.PreActBasicBlock,
             {"bn1": "call", "conv1": "conv", "bn2": "bn", "conv2": "call", "relu": "relu", "downsample": "call?"}),
     Pattern(("resfuse.reference.preact.PreActBottleneck",), fnn.PreActBottleneck,

@@ -23,6 +23,12 @@ REAL = {  # name: (constructor, fused blocks, float64 check too)
     "tv_wide_resnet50_2": (lambda tv, timm: tv.models.wide_resnet50_2(), 16, False),
     "timm_resnet18": (lambda tv, timm: timm.create_model("resnet18"), 8, True),
     "timm_resnet50": (lambda tv, timm: timm.create_model("resnet50"), 16, False),
+    # timm blocks with modules between the fused chains (resfuse.nn.blocks._split_forward): squeeze-and-
+    # excitation after the last BN, an anti-aliasing blur pool after a ReLU, stochastic depth
+    "timm_seresnet18": (lambda tv, timm: timm.create_model("seresnet18"), 8, True),
+    "timm_seresnet50": (lambda tv, timm: timm.create_model("seresnet50"), 16, False),
+    "timm_resnetblur18": (lambda tv, timm: timm.create_model("resnetblur18"), 8, True),
+    "timm_resnet50_drop_path": (lambda tv, timm: timm.create_model("resnet50", drop_path_rate=0.2), 16, False),
 }
 
 
@@ -79,30 +85,31 @@ def test_fuse_compat_script(tmp_path, tv, timm):
         assert r["max_rel_error"]["fused_fp32"] < 1e-3
 
 
-def test_timm_extras_are_left_with_reasons(timm):
+def test_timm_extras(timm):
+    """timm's stochastic depth, attention and anti-aliasing run as modules between fused chains;
+    a non-ReLU activation and DropBlock (before a ReLU) leave the block as it is, and say why."""
     from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 
     torch.manual_seed(0)
-    model = ResNet(BasicBlock, [1, 1, 1, 1], num_classes=10, drop_path_rate=0.1)  # rates 0, 1/30, 2/30, 0.1
-    fused = resfuse.fuse(model)
-    left = [line for line in sections(resfuse.explain(fused))["left"] if line.startswith("layer")]
-    assert [line.split()[0] for line in left] == ["layer2.0", "layer3.0", "layer4.0"]
-    assert all("drop_path is DropPath" in line for line in left) and type(fused.layer1[0]) is fnn.BasicBlock
-    model = ResNet(Bottleneck, [1, 1, 1, 1], num_classes=10, block_args={"attn_layer": "se"})
-    fused = resfuse.fuse(model)
-    left = {line.split()[0]: line for line in sections(resfuse.explain(fused))["left"]}
-    assert "se is SEModule" in left["layer1.0"] and type(fused.layer1[0]) is Bottleneck
-    assert type(fused.layer1[0].downsample) is FusedSequential  # called as is by the unfused block
+    x = torch.randn(2, 3, 32, 32)
+    cases = [ResNet(BasicBlock, [1, 1, 1, 1], num_classes=10, drop_path_rate=0.1),  # rates 0, 1/30, 2/30, 0.1
+             ResNet(Bottleneck, [1, 1, 1, 1], num_classes=10, block_args={"attn_layer": "eca"}),
+             ResNet(BasicBlock, [1, 1, 1, 1], num_classes=10, aa_layer=nn.AvgPool2d,  # aa where it strides
+                    block_args={"attn_layer": "se"})]
+    for model in cases:
+        model = randomize_bn(model)
+        fused = check_fused_model(model, x)
+        report = sections(resfuse.explain(fused))
+        assert [line.split()[0] for line in report["left"]] == ["bn1"] and report["fusable"] == []
+        assert all(type(m) in (fnn.BasicBlock, fnn.Bottleneck) for s in (fused.layer1, fused.layer4) for m in s)
     model = ResNet(BasicBlock, [1, 1, 1, 1], num_classes=10, act_layer=nn.SiLU)
     left = {line.split()[0]: line for line in sections(resfuse.explain(resfuse.fuse(model)))["left"]}
     assert "act1 is SiLU, not nn.ReLU" in left["layer1.0"]
-    model = ResNet(BasicBlock, [1, 1, 1, 1], num_classes=10, aa_layer=nn.AvgPool2d)
-    left = {line.split()[0]: line for line in sections(resfuse.explain(resfuse.fuse(model)))["left"]}
-    assert "aa is" in left["layer2.0"] and "layer1.0" not in left  # aa only where the block strides
-    model.eval()
-    with torch.no_grad():
-        x = torch.randn(2, 3, 32, 32)
-        assert_close_ref(resfuse.fuse(model).eval()(x), model(x), rtol=1e-5)
+    model = ResNet(BasicBlock, [1, 1, 1, 1], num_classes=10, drop_block_rate=0.1)
+    fused = resfuse.fuse(model)
+    left = {line.split()[0]: line for line in sections(resfuse.explain(fused))["left"]}
+    assert "drop_block is DropBlock2d (only None or nn.Identity can be fused)" in left["layer3.0"]
+    assert type(fused.layer3[0]) is BasicBlock and type(fused.layer1[0]) is fnn.BasicBlock
 
 
 def test_timm_deep_stem_and_avg_downsample(timm):

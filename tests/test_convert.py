@@ -27,7 +27,9 @@ F64_RTOL = 1e-9
 
 # -- helpers (imported by test_compat.py) ---------------------------------------------------------------
 def _step(model, x, g):
-    """One train step: (output, input grad, {name: param grad}, {name: buffer}) and the eval output."""
+    """One train step: (output, input grad, {name: param grad}, {name: buffer}) and the eval output;
+    the same random stream for every model (stochastic depth draws the same masks)."""
+    torch.manual_seed(0)
     model.train()
     xr = x.clone().requires_grad_()
     out = model(xr)

@@ -8,7 +8,7 @@ option-A ``ZeroPadShortcut``) is called as is and its output added.
 """
 from __future__ import annotations
 
-from typing import Union
+from typing import Optional, Union
 
 import torch
 from torch import nn
@@ -45,24 +45,68 @@ class _FromModule:
         return self
 
 
+_INERT = (type(None), nn.Identity)
+#: children of timm's blocks that the fused forward calls as modules where they compute something:
+#: ``aa`` (anti-aliasing, e.g. a blur pool, after the ReLU of layer ``aa_after``), then after the last
+#: BN ``se`` (channel attention: SE, ECA, ...) and ``drop_path`` (stochastic depth)
+_CALLED = ("aa", "se", "drop_path")
+
+
+def _split_forward(block, x: torch.Tensor, layers, aa_after: int) -> Optional[torch.Tensor]:
+    """The block's output where some of :data:`_CALLED` compute something, else None (the caller's
+    one-chain forward): the conv-BN layers run as fused chains around those modules — up to ``aa``,
+    after it, and, with ``se`` / ``drop_path``, the rest without its final ReLU; those modules, the
+    shortcut add and the ReLU then run as the original forward runs them."""
+    mods = block._modules
+    aa, se, dp = (mods.get(n) for n in _CALLED)
+    if type(aa) in _INERT and type(se) in _INERT and type(dp) in _INERT:
+        return None
+    h, rest = x, layers
+    if type(aa) not in _INERT:
+        h, rest = aa(RF.conv_bn_chain(x, layers[:aa_after], None, True)), layers[aa_after:]
+    shortcut = shortcut_of(block.downsample, x)
+    if type(se) in _INERT and type(dp) in _INERT:
+        return RF.conv_bn_chain(h, rest, shortcut, True)
+    z = RF.conv_bn_chain(h, rest, None, False)
+    for m in (se, dp):
+        if type(m) not in _INERT:
+            z = m(z)
+    if isinstance(shortcut, tuple):  # a projection (x_s, conv_s, bn_s)
+        shortcut = RF.conv_bn_act(*shortcut, relu=False)
+    return torch.relu_(z + shortcut)  # (in place on the fresh sum, as timm's act(inplace=True))
+
+
 class BasicBlock(_FromModule, ref_resnet.BasicBlock):
     """Fused ``relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))``; see ``resfuse.reference.BasicBlock``.
     ``consume=True``: the caller gives ``x`` up, so that inference may write the output into it when the
     shortcut is the identity (see :func:`run_stages`); a ``downsample`` module's output is never
-    written into (what it returns, e.g. a view, is not known to be free)."""
+    written into (what it returns, e.g. a view, is not known to be free).
+
+    From a timm ``BasicBlock`` with an ``aa`` after the first ReLU, or ``se`` / ``drop_path`` after
+    ``bn2``: those run as modules between fused chains (:func:`_split_forward`)."""
 
     def forward(self, x: torch.Tensor, consume: bool = False) -> torch.Tensor:
-        return RF.conv_bn_chain(x, ((self.conv1, self.bn1), (self.conv2, self.bn2)),
-                                shortcut_of(self.downsample, x), True, None, consume and self.downsample is None)
+        layers = ((self.conv1, self.bn1), (self.conv2, self.bn2))
+        y = _split_forward(self, x, layers, 1)
+        if y is not None:
+            return y
+        return RF.conv_bn_chain(x, layers, shortcut_of(self.downsample, x), True, None,
+                                consume and self.downsample is None)
 
 
 class Bottleneck(_FromModule, ref_resnet.Bottleneck):
     """Fused 1×1 → 3×3 → 1×1 bottleneck (v1.5: stride on the 3×3); see ``resfuse.reference.Bottleneck``.
-    ``consume`` as for :class:`BasicBlock`."""
+    ``consume`` as for :class:`BasicBlock`. From a timm ``Bottleneck`` with an ``aa`` after the second
+    ReLU, or ``se`` / ``drop_path`` after ``bn3`` (SE-/ECA-ResNets, stochastic depth): those run as
+    modules between fused chains (:func:`_split_forward`)."""
 
     def forward(self, x: torch.Tensor, consume: bool = False) -> torch.Tensor:
-        return RF.conv_bn_chain(x, ((self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3)),
-                                shortcut_of(self.downsample, x), True, None, consume and self.downsample is None)
+        layers = ((self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3))
+        y = _split_forward(self, x, layers, 2)
+        if y is not None:
+            return y
+        return RF.conv_bn_chain(x, layers, shortcut_of(self.downsample, x), True, None,
+                                consume and self.downsample is None)
 
 
 def _global_hooks() -> bool:
