@@ -41,7 +41,11 @@ def _op(name: str):
     if fn is None:
         if not _extension.LOADED:
             raise RuntimeError(f"torch.ops.resfuse.{name} is unavailable: {_extension.ERROR}")
-        fn = _BOUND[name] = getattr(torch.ops.resfuse, name).default
+        fn = getattr(torch.ops.resfuse, name).default
+        # not while torch.compile traces: the fused chain's autograd.Function is traced as one
+        # higher-order op, inside which a write to a module-level dict is an unsupported side effect
+        if not torch.compiler.is_compiling():
+            _BOUND[name] = fn
     return fn
 
 
