@@ -29,14 +29,15 @@ from . import models as fmodels
 from . import nn as fnn
 from .testing import rel_error, tolerance
 
-__all__ = ["PATTERNS", "FusedSequential", "explain_model", "fuse", "unfuse"]
+__all__ = ["PATTERNS", "FusedConvNormAct", "FusedSequential", "explain_model", "fuse", "unfuse"]
 
 _BN_TYPES = (nn.BatchNorm2d, nn.SyncBatchNorm)
 _ORIGIN = "_resfuse_unfused"  # instance attribute of a swapped module: "module.QualName" of its original class
 _CONTAINERS = ("_parameters", "_buffers", "_modules")
 _FORWARD_METHODS = ("forward", "_forward_impl")  # _forward_impl: torchvision ResNet.forward's body
 _SEQUENTIAL = "torch.nn.modules.container.Sequential"
-_ABSORBED_ROLES = ("conv", "bn", "relu", "identity")  # children the fused forward runs itself
+_ABSORBED_ROLES = ("conv", "bn", "bnact", "relu", "identity")  # children the fused forward runs itself
+_BN_ACT = "timm.layers.norm_act.BatchNormAct2d"
 
 
 class FusedSequential(nn.Sequential):
@@ -62,6 +63,23 @@ class FusedSequential(nn.Sequential):
         return x
 
 
+class FusedConvNormAct(nn.Module):
+    """timm's ``ConvNormAct`` — ``conv`` → ``bn`` (a ``BatchNormAct2d``: BN, ``drop``, ``act``) → optional
+    ``aa`` — with the conv, BN and a ReLU (or no) activation as one fused unit
+    (:func:`resfuse.functional.conv_bn_act`); same children and ``state_dict`` keys. The BN's ``act`` and
+    ``drop`` are looked at on every call: anything but ``nn.ReLU``/``nn.Identity`` and ``nn.Identity``
+    runs the modules as they are."""
+
+    def forward(self, x):
+        conv, bn, aa = self.conv, self.bn, self._modules.get("aa")
+        act = bn._modules.get("act")
+        if type(act) in (nn.ReLU, nn.Identity) and type(bn._modules.get("drop")) is nn.Identity:
+            x = RF.conv_bn_act(x, conv, bn, relu=type(act) is nn.ReLU)
+        else:
+            x = bn(conv(x))
+        return x if aa is None else aa(x)
+
+
 def _run_length(mods, i: int) -> int:
     """Length of the ``Conv2d → BN (→ ReLU)`` run starting at ``mods[i]``: 0 (none), 2 or 3."""
     if i + 1 >= len(mods) or type(mods[i]) is not nn.Conv2d or type(mods[i + 1]) not in _BN_TYPES:
@@ -78,6 +96,8 @@ class Pattern(NamedTuple):
 
     - ``conv`` / ``bn`` / ``relu``: run by the fused forward; exactly ``nn.Conv2d``, ``nn.BatchNorm2d`` or
       ``nn.SyncBatchNorm``, ``nn.ReLU``. The i-th ``conv`` feeds the i-th ``bn``.
+    - ``bnact``: a ``bn`` that is timm's ``BatchNormAct2d`` with ``act`` ``nn.ReLU`` or ``nn.Identity`` and
+      ``drop`` ``nn.Identity``.
     - ``identity``: must be ``nn.Identity`` (or absent/None when optional): timm's ``aa``, ``drop_block``...
     - ``shortcut``: a block's ``downsample``: ``Sequential(Conv2d, BN)`` is fused as a projection, any
       other module is called as it is (e.g. ``ZeroPadShortcut``).
@@ -113,6 +133,7 @@ PATTERNS: tuple[Pattern, ...] = (
     Pattern(("resfuse.reference.preact.PreActBottleneck",), fnn.PreActBottleneck,
             {"bn1": "call", "conv1": "conv", "bn2": "bn", "conv2": "conv", "bn3": "bn", "conv3": "call",
              "relu": "relu", "downsample": "call?"}),
+    Pattern(("timm.layers.conv_bn_act.ConvNormAct",), FusedConvNormAct, {"conv": "conv", "bn": "bnact", "aa": "call?"}),
     # whole models: the stem conv1 → bn1 → relu is used by the model's own forward, so only the model's
     # class can fuse it; swapped only for these exact forwards (timm's ResNet keeps its stem unfused)
     Pattern(("resfuse.reference.resnet.ResNet", "torchvision.models.resnet.ResNet"), fmodels.ResNet,
@@ -184,6 +205,16 @@ def _child_reason(name: str, role: str, child) -> str:
         return f"{name} is {kind}, not nn.Conv2d"
     if role == "bn" and type(child) not in _BN_TYPES:
         return f"{name} is {kind}, not nn.BatchNorm2d or nn.SyncBatchNorm"
+    if role == "bnact":
+        if _name(type(child)) != _BN_ACT:
+            return f"{name} is {kind}, not timm's BatchNormAct2d"
+        act, drop = child._modules.get("act"), child._modules.get("drop")
+        if type(act) not in (nn.ReLU, nn.Identity):
+            return f"{name}.act is {type(act).__name__}, not nn.ReLU or nn.Identity"
+        if type(drop) is not nn.Identity:
+            return f"{name}.drop is {type(drop).__name__} (only nn.Identity can be fused)"
+        if any(RF.hooked(sub) for sub in child.modules()):
+            return f"{name} has hooks (the fused forward would skip them)"
     if role == "relu" and type(child) is not nn.ReLU:
         return f"{name} is {kind}, not nn.ReLU"
     if role == "identity" and type(child) is not nn.Identity:
@@ -224,7 +255,7 @@ def _match_pattern(m: nn.Module, p: Pattern, known: type) -> _Verdict:
             absorbed.add(name)
         if role == "conv":
             convs.append((name, child))
-        elif role == "bn":
+        elif role in ("bn", "bnact"):
             bns.append((name, child))
         elif role == "shortcut" and _is_projection(child):
             absorbed.add(name)
@@ -346,12 +377,15 @@ def fuse(model: nn.Module, backend: str = "auto", inplace: bool = False,
     Swapped (see :data:`PATTERNS`; ``resfuse.explain(model)`` lists what was and was not swapped):
 
     - torchvision / ``resfuse.reference`` ``BasicBlock`` and ``Bottleneck`` (ResNet, ResNeXt, wide ResNet),
-      timm's ``BasicBlock``/``Bottleneck`` when ``aa``/``drop_block`` are ``nn.Identity``, ``se`` and
-      ``drop_path`` None and the activations ``nn.ReLU``, and the reference pre-activation blocks;
+      timm's ``BasicBlock``/``Bottleneck`` when ``drop_block`` is ``nn.Identity`` and the activations
+      ``nn.ReLU`` (an ``aa``, ``se`` or ``drop_path`` module runs as it is between fused chains, see
+      ``resfuse.nn.blocks``), and the reference pre-activation blocks;
       a ``downsample = Sequential(Conv2d, BN)`` becomes a fused projection shortcut, any other (CIFAR
       option A ``ZeroPadShortcut``, timm's avg-pool downsample) is called as it is;
     - ``nn.Sequential`` (and subclasses that keep its forward, e.g. torchvision's ``Conv2dNormActivation``)
       holding ``Conv2d → BatchNorm2d (→ ReLU)`` runs → :class:`FusedSequential` (same children and keys);
+    - timm's ``ConvNormAct`` whose ``BatchNormAct2d`` has a ReLU or no activation (RegNet, byobnet
+      ResNets) → :class:`FusedConvNormAct`;
     - a torchvision / reference ``ResNet`` and the reference ``CifarResNet`` (wherever they sit in the
       tree) → ``resfuse.models.ResNet`` / ``CifarResNet``, whose forward also fuses the stem
       ``conv1 → bn1 → relu``. Other models' stems (timm's) stay plain: their own forward calls them.

@@ -13,7 +13,7 @@ from tvshim import import_timm, import_torchvision
 import resfuse
 from resfuse import models, reference
 from resfuse import nn as fnn
-from resfuse.convert import FusedSequential
+from resfuse.convert import FusedConvNormAct, FusedSequential
 from resfuse.ops import bn_act as bn_act_ops
 from resfuse.testing import assert_close_ref, assert_error_ratio, randomize_bn
 
@@ -136,6 +136,46 @@ def test_timm_extras_compile_fullgraph(timm, monkeypatch):
     out_e.square().sum().backward()
     for (n, p), q in zip(fused.named_parameters(), eager.parameters()):
         assert_close_ref(p.grad, q.grad, rtol=1e-4, name=f"grad {n}")
+
+
+@pytest.mark.parametrize("name, units", [("regnetx_002", 44), ("resnet33ts", 14)])
+def test_timm_conv_norm_act(timm, name, units):
+    """timm's ConvNormAct units (RegNet, the byobnet ResNets) with a ReLU or no activation run fused;
+    those with another activation are left and say why; unfuse gives timm's class back."""
+    torch.manual_seed(0)
+    plain = randomize_bn(timm.create_model(name, num_classes=10), seed=1)
+    check_fused_model(plain, torch.randn(2, 3, 48, 48), float64=name == "regnetx_002")
+    fused = resfuse.fuse(plain)
+    assert_shares(fused, plain)
+    assert [type(m) for m in fused.modules()].count(FusedConvNormAct) == units
+    left = [line for line in sections(resfuse.explain(fused))["left"] if "ConvNormAct" in line]
+    if name == "resnet33ts":  # its 3x3 and stem units use SiLU
+        assert left and all("bn.act is SiLU, not nn.ReLU or nn.Identity" in line for line in left)
+    back = resfuse.unfuse(fused)
+    assert FusedConvNormAct not in {type(m) for m in back.modules()}
+    assert [type(m) for m in back.modules()] == [type(m) for m in plain.modules()]
+    assert_shares(back, plain)
+
+
+def test_fused_conv_norm_act_follows_edits(timm):
+    """A fused ConvNormAct whose BN activation is replaced afterwards runs the modules as they are;
+    hooks on its BN leave it unfused."""
+    from timm.layers import ConvNormAct
+
+    torch.manual_seed(0)
+    unit = randomize_bn(ConvNormAct(8, 16, 3, act_layer=nn.ReLU)).eval()
+    fused = resfuse.fuse(unit)
+    assert type(fused) is FusedConvNormAct
+    x = torch.randn(2, 8, 9, 9)
+    with torch.no_grad():
+        assert_close_ref(fused(x), unit(x), rtol=1e-5)
+        fused.bn.act = nn.SiLU()
+        unit.bn.act = nn.SiLU()
+        assert_close_ref(fused(x), unit(x), rtol=1e-5)
+    unit.bn.act = nn.ReLU()
+    unit.bn.register_forward_hook(lambda *a: None)
+    report = sections(resfuse.explain(resfuse.fuse(unit)))
+    assert any("bn has hooks" in line for line in report["left"])
 
 
 def test_timm_deep_stem_and_avg_downsample(timm):
