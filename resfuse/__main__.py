@@ -13,7 +13,7 @@ import torch
 
 import resfuse
 from resfuse import cpu_conv
-from resfuse.testing import median_seconds, rel_error, rel_error_l2
+from resfuse.testing import median_seconds_each, rel_error, rel_error_l2
 
 
 def _check(ref, fused, x):
@@ -72,7 +72,7 @@ def main(argv=None) -> int:
           f"relative errors resfuse fp32 / plain fp32:\n  {report} -> {'OK' if ok else 'MISMATCH'}")
     ref_t, fused_t = copy.deepcopy(ref).train(), copy.deepcopy(fused).train()
 
-    def bench(model, train):
+    def step_of(model, train):
         if train:
             model.train()
 
@@ -85,15 +85,18 @@ def main(argv=None) -> int:
             def step():
                 with torch.no_grad():
                     model(x)
-        warm = cpu_conv.warm_steps() if train and torch.device(device).type == "cpu" else 2
-        return median_seconds(step, args.repeats, device, warmup=warm)
+        return step
 
     rows = []
     for mode, train in (("eval", False), ("train step", True)):
-        te = bench(ref_t if train else ref, train)
-        tf = bench(fused_t if train else fused, train)
+        warm = cpu_conv.warm_steps() if train and torch.device(device).type == "cpu" else 2
+        # eager and resfuse alternate call by call: on a machine whose speed drifts, timing one after the
+        # other would compare two machine states
+        steps = [step_of(ref_t if train else ref, train), step_of(fused_t if train else fused, train)]
+        te, tf = median_seconds_each(steps, args.repeats, device, warmup=warm)
         rows.append((mode, te, tf))
-    print(f"\nspeed on {device} ({torch.get_num_threads()} threads), median of {args.repeats}:")
+    print(f"\nspeed on {device} ({torch.get_num_threads()} threads), median of {args.repeats} "
+          "(eager and resfuse alternating):")
     print(f"{'mode':<11} {'eager ms':>9} {'resfuse ms':>11} {'img/s eager':>12} {'img/s resfuse':>14} {'speed-up':>9}")
     for mode, te, tf in rows:
         print(f"{mode:<11} {te * 1e3:9.1f} {tf * 1e3:11.1f} {batch / te:12.1f} {batch / tf:14.1f} {te / tf:8.2f}x")

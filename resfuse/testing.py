@@ -12,13 +12,14 @@ Every kernel is judged against a float64 run of the pure-PyTorch reference:
 * ``rand_activation`` makes fresh random inputs (never zeros) in NCHW or channels_last;
 * ``poisoned`` returns a NaN-filled tensor so that a kernel that forgets to write an element is caught;
 * ``randomize_bn`` gives a model's BatchNorms non-trivial affine parameters and running statistics;
-* ``median_seconds`` times a callable (CUDA events on a GPU, ``time.perf_counter`` on CPU).
+* ``median_seconds`` times a callable, ``median_seconds_each`` several round-robin (CUDA events on a GPU,
+  ``time.perf_counter`` on CPU).
 """
 from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -150,25 +151,38 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
 
 
 def median_seconds(fn: Callable[[], object], n: int, device: torch.device | str = "cpu", warmup: int = 0) -> float:
-    """Median wall time in seconds of ``n`` calls of ``fn()``, after ``warmup`` untimed calls.
+    """Median wall time in seconds of ``n`` calls of ``fn()``, after ``warmup`` untimed calls (see
+    :func:`median_seconds_each`)."""
+    return median_seconds_each([fn], n, device, warmup)[0]
+
+
+def median_seconds_each(fns: Sequence[Callable[[], object]], n: int, device: torch.device | str = "cpu",
+                        warmup: int = 0) -> list[float]:
+    """Median wall time in seconds of a call of each of ``fns``, timed round-robin: ``warmup`` untimed
+    calls of each, then ``n`` rounds of one timed call of each — so that a machine whose speed drifts
+    (a shared VM: its step times move by 20 % within seconds) slows all of them alike, and their ratio
+    holds where back-to-back runs of each would compare two different machine states.
 
     On a CUDA ``device`` each call is timed by CUDA events on the current stream (the device time of the
     work it queues; each call ends with an event synchronize); elsewhere by ``time.perf_counter``.
     """
-    for _ in range(warmup):
-        fn()
-    times = []
-    if torch.device(device).type == "cuda":
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    times = [[] for _ in fns]
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        for _ in range(n):
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-    else:
-        for _ in range(n):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    for _ in range(n):
+        for fn, ts in zip(fns, times):
+            if cuda:
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                ts.append(start.elapsed_time(end) / 1e3)
+            else:
+                t0 = time.perf_counter()
+                fn()
+                ts.append(time.perf_counter() - t0)
+    return [statistics.median(ts) for ts in times]
