@@ -72,12 +72,18 @@ class FusedConvNormAct(nn.Module):
 
     def forward(self, x):
         conv, bn, aa = self.conv, self.bn, self._modules.get("aa")
-        act = bn._modules.get("act")
-        if type(act) in (nn.ReLU, nn.Identity) and type(bn._modules.get("drop")) is nn.Identity:
-            x = RF.conv_bn_act(x, conv, bn, relu=type(act) is nn.ReLU)
-        else:
-            x = bn(conv(x))
+        relu = _bn_act_relu(bn)
+        x = bn(conv(x)) if relu is None else RF.conv_bn_act(x, conv, bn, relu=relu)
         return x if aa is None else aa(x)
+
+
+def _bn_act_relu(bn: nn.Module):
+    """For a timm ``BatchNormAct2d``: whether its activation is a ReLU (True) or none (False), or None
+    when the fused unit cannot run it (another activation, or a ``drop`` that is not ``nn.Identity``)."""
+    act = bn._modules.get("act")
+    if type(act) not in (nn.ReLU, nn.Identity) or type(bn._modules.get("drop")) is not nn.Identity:
+        return None
+    return type(act) is nn.ReLU
 
 
 def _run_length(mods, i: int) -> int:
@@ -98,7 +104,7 @@ class Pattern(NamedTuple):
       ``nn.SyncBatchNorm``, ``nn.ReLU``. The i-th ``conv`` feeds the i-th ``bn``.
     - ``bnact``: a ``bn`` that is timm's ``BatchNormAct2d`` with ``act`` ``nn.ReLU`` or ``nn.Identity`` and
       ``drop`` ``nn.Identity``.
-    - ``identity``: must be ``nn.Identity`` (or absent/None when optional): timm's ``aa``, ``drop_block``...
+    - ``identity``: must be ``nn.Identity`` (or absent/None when optional): timm's ``drop_block``.
     - ``shortcut``: a block's ``downsample``: ``Sequential(Conv2d, BN)`` is fused as a projection, any
       other module is called as it is (e.g. ``ZeroPadShortcut``).
     - ``call``: any module; the fused forward calls it as the original does.
@@ -208,10 +214,10 @@ def _child_reason(name: str, role: str, child) -> str:
     if role == "bnact":
         if _name(type(child)) != _BN_ACT:
             return f"{name} is {kind}, not timm's BatchNormAct2d"
-        act, drop = child._modules.get("act"), child._modules.get("drop")
-        if type(act) not in (nn.ReLU, nn.Identity):
-            return f"{name}.act is {type(act).__name__}, not nn.ReLU or nn.Identity"
-        if type(drop) is not nn.Identity:
+        if _bn_act_relu(child) is None:
+            act, drop = child._modules.get("act"), child._modules.get("drop")
+            if type(act) not in (nn.ReLU, nn.Identity):
+                return f"{name}.act is {type(act).__name__}, not nn.ReLU or nn.Identity"
             return f"{name}.drop is {type(drop).__name__} (only nn.Identity can be fused)"
         if any(RF.hooked(sub) for sub in child.modules()):
             return f"{name} has hooks (the fused forward would skip them)"

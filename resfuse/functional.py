@@ -130,7 +130,7 @@ def _dispatch(be, x, layers, shortcut, relu, cast, weights=None, pool=None, cons
         return w if cast is None else w.to(cast)
 
     proj = isinstance(shortcut, tuple)
-    all_bns = [bn for _, bn in layers] + ([shortcut[2]] if proj else [])
+    all_bns = [bn for _, bn in _pairs(layers, shortcut)]
     if isinstance(shortcut, torch.Tensor) and shortcut.dtype != x.dtype:
         shortcut = shortcut.to(x.dtype)
     if proj and cast is not None:

@@ -57,20 +57,19 @@ def _split_forward(block, x: torch.Tensor, layers, aa_after: int) -> Optional[to
     one-chain forward): the conv-BN layers run as fused chains around those modules — up to ``aa``,
     after it, and, with ``se`` / ``drop_path``, the rest without its final ReLU; those modules, the
     shortcut add and the ReLU then run as the original forward runs them."""
-    mods = block._modules
-    aa, se, dp = (mods.get(n) for n in _CALLED)
-    if type(aa) in _INERT and type(se) in _INERT and type(dp) in _INERT:
+    aa, se, dp = (None if type(m) in _INERT else m for m in map(block._modules.get, _CALLED))
+    if aa is None and se is None and dp is None:
         return None
     h, rest = x, layers
-    if type(aa) not in _INERT:
+    if aa is not None:
         h, rest = aa(RF.conv_bn_chain(x, layers[:aa_after], None, True)), layers[aa_after:]
     shortcut = shortcut_of(block.downsample, x)
-    if type(se) in _INERT and type(dp) in _INERT:
+    tail = [m for m in (se, dp) if m is not None]
+    if not tail:
         return RF.conv_bn_chain(h, rest, shortcut, True)
     z = RF.conv_bn_chain(h, rest, None, False)
-    for m in (se, dp):
-        if type(m) not in _INERT:
-            z = m(z)
+    for m in tail:
+        z = m(z)
     if isinstance(shortcut, tuple):  # a projection (x_s, conv_s, bn_s)
         shortcut = RF.conv_bn_act(*shortcut, relu=False)
     return torch.relu_(z + shortcut)  # (in place on the fresh sum, as timm's act(inplace=True))
