@@ -19,6 +19,7 @@ Selection:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
 from typing import Callable, NamedTuple, Optional, Tuple
 
@@ -49,6 +50,24 @@ class ConvGeom(NamedTuple):
         return ConvGeom(tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation), conv.groups)
 
 
+@dataclasses.dataclass(frozen=True)
+class PostOp:
+    """A final activation other than ReLU that an inference convolution applies itself: what
+    :meth:`Backend.conv_bias_act` / :meth:`~Backend.conv_bias_act_step` get as ``relu`` from
+    ``resfuse.functional`` on a backend whose ``post_ops`` is True (never on another one).
+
+    ``attr``, ``scalars``, ``algorithm``: oneDNN's unary post-op as ``torch.ops.mkldnn._convolution_pointwise``
+    names it; ``fn``: the same activation as a PyTorch function of a tensor its caller owns (it may
+    overwrite it), for the paths that run it after the convolution. Equal (and hashed) by the first
+    three fields, so it can key measured choices and plans.
+    """
+
+    attr: str
+    scalars: Tuple[float, ...] = ()
+    algorithm: str = ""
+    fn: Callable[[torch.Tensor], torch.Tensor] = dataclasses.field(default=None, compare=False, repr=False)
+
+
 class Backend:
     """Default (composed) implementation of the primitive interface; subclasses fuse what they can.
 
@@ -69,6 +88,9 @@ class Backend:
     #: None: the max-pool runs after the chain, as the module it is.
     bn_act_max_pool = None
     max_pool_act_backward = None
+    #: whether :meth:`conv_bias_act` and :meth:`conv_bias_act_step` take a :class:`PostOp` as ``relu``
+    #: (else ``resfuse.functional`` calls the activation module on their result)
+    post_ops = False
 
     def available(self) -> Optional[str]:
         """``None`` if usable in this process, else the reason it is not."""

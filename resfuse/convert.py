@@ -41,13 +41,15 @@ _BN_ACT = "timm.layers.norm_act.BatchNormAct2d"
 
 
 class FusedSequential(nn.Sequential):
-    """An ``nn.Sequential`` whose ``Conv2d → BatchNorm2d (→ ReLU)`` runs each execute as one fused unit
-    (:func:`resfuse.functional.conv_bn_act`); every other child runs as in ``nn.Sequential``.
+    """An ``nn.Sequential`` whose ``Conv2d → BatchNorm2d (→ activation)`` runs each execute as one fused
+    unit (:func:`resfuse.functional.conv_bn_act`); every other child runs as in ``nn.Sequential``.
 
     It keeps the Sequential's children under their names, so ``state_dict`` keys are unchanged (a
     ``ConvBNAct`` would rename ``0.weight`` to ``conv.weight``). Runs are found on each call from the
-    children's exact types (``nn.Conv2d``; ``nn.BatchNorm2d``/``nn.SyncBatchNorm``; ``nn.ReLU``), so
-    editing the Sequential afterwards stays correct. Hooks on the children of a run do not fire.
+    children's exact types (``nn.Conv2d``; ``nn.BatchNorm2d``/``nn.SyncBatchNorm``; ``nn.ReLU``, or an
+    activation :func:`resfuse.functional.post_op` maps, e.g. the ``nn.SiLU`` / ``nn.Hardswish`` of
+    torchvision's ``Conv2dNormActivation``), so editing the Sequential afterwards stays correct. Hooks on
+    the children of a run do not fire (an activation with hooks is not part of a run: it is called).
     """
 
     def forward(self, x):
@@ -55,7 +57,9 @@ class FusedSequential(nn.Sequential):
         i = 0
         while i < len(mods):
             n = _run_length(mods, i)
-            if n:
+            if n == 3 and type(mods[i + 2]) is not nn.ReLU:
+                x = RF.conv_bn_act(x, mods[i], mods[i + 1], act=mods[i + 2])
+            elif n:
                 x = RF.conv_bn_act(x, mods[i], mods[i + 1], relu=n == 3)
             else:
                 x, n = mods[i](x), 1
@@ -65,32 +69,32 @@ class FusedSequential(nn.Sequential):
 
 class FusedConvNormAct(nn.Module):
     """timm's ``ConvNormAct`` — ``conv`` → ``bn`` (a ``BatchNormAct2d``: BN, ``drop``, ``act``) → optional
-    ``aa`` — with the conv, BN and a ReLU (or no) activation as one fused unit
-    (:func:`resfuse.functional.conv_bn_act`); same children and ``state_dict`` keys. The BN's ``act`` and
-    ``drop`` are looked at on every call: anything but ``nn.ReLU``/``nn.Identity`` and ``nn.Identity``
-    runs the modules as they are."""
+    ``aa`` — with the conv and the BN as one fused unit (:func:`resfuse.functional.conv_bn_act`); same
+    children and ``state_dict`` keys. The BN's ``act`` and ``drop`` are looked at on every call: a ReLU
+    (or ``nn.Identity``) is fused; with an ``nn.Identity`` ``drop`` any other activation is the fused
+    unit's ``act`` (SiLU, LeakyReLU, ...: a oneDNN post-op in CPU inference, see
+    :func:`resfuse.functional.post_op`); any other ``drop`` runs, then ``act``, as timm runs them."""
 
     def forward(self, x):
         conv, bn, aa = self.conv, self.bn, self._modules.get("aa")
-        relu = _bn_act_relu(bn)
-        x = bn(conv(x)) if relu is None else RF.conv_bn_act(x, conv, bn, relu=relu)
+        act, drop = bn.act, bn.drop
+        if type(drop) is not nn.Identity:
+            x = act(drop(RF.conv_bn_act(x, conv, bn, relu=False)))
+        elif type(act) in (nn.ReLU, nn.Identity):
+            x = RF.conv_bn_act(x, conv, bn, relu=type(act) is nn.ReLU)
+        else:
+            x = RF.conv_bn_act(x, conv, bn, act=act)
         return x if aa is None else aa(x)
 
 
-def _bn_act_relu(bn: nn.Module):
-    """For a timm ``BatchNormAct2d``: whether its activation is a ReLU (True) or none (False), or None
-    when the fused unit cannot run it (another activation, or a ``drop`` that is not ``nn.Identity``)."""
-    act = bn._modules.get("act")
-    if type(act) not in (nn.ReLU, nn.Identity) or type(bn._modules.get("drop")) is not nn.Identity:
-        return None
-    return type(act) is nn.ReLU
-
-
 def _run_length(mods, i: int) -> int:
-    """Length of the ``Conv2d → BN (→ ReLU)`` run starting at ``mods[i]``: 0 (none), 2 or 3."""
+    """Length of the ``Conv2d → BN (→ ReLU or a post-op activation)`` run starting at ``mods[i]``: 0
+    (none), 2 or 3."""
     if i + 1 >= len(mods) or type(mods[i]) is not nn.Conv2d or type(mods[i + 1]) not in _BN_TYPES:
         return 0
-    return 3 if i + 2 < len(mods) and type(mods[i + 2]) is nn.ReLU else 2
+    if i + 2 < len(mods) and (type(mods[i + 2]) is nn.ReLU or RF.post_op(mods[i + 2]) is not None):
+        return 3
+    return 2
 
 
 class Pattern(NamedTuple):
@@ -102,8 +106,8 @@ class Pattern(NamedTuple):
 
     - ``conv`` / ``bn`` / ``relu``: run by the fused forward; exactly ``nn.Conv2d``, ``nn.BatchNorm2d`` or
       ``nn.SyncBatchNorm``, ``nn.ReLU``. The i-th ``conv`` feeds the i-th ``bn``.
-    - ``bnact``: a ``bn`` that is timm's ``BatchNormAct2d`` with ``act`` ``nn.ReLU`` or ``nn.Identity`` and
-      ``drop`` ``nn.Identity``.
+    - ``bnact``: a ``bn`` that is timm's ``BatchNormAct2d`` (its ``act`` and ``drop`` run as
+      :class:`FusedConvNormAct` says).
     - ``identity``: must be ``nn.Identity`` (or absent/None when optional): timm's ``drop_block``.
     - ``shortcut``: a block's ``downsample``: ``Sequential(Conv2d, BN)`` is fused as a projection, any
       other module is called as it is (e.g. ``ZeroPadShortcut``).
@@ -214,11 +218,6 @@ def _child_reason(name: str, role: str, child) -> str:
     if role == "bnact":
         if _name(type(child)) != _BN_ACT:
             return f"{name} is {kind}, not timm's BatchNormAct2d"
-        if _bn_act_relu(child) is None:
-            act, drop = child._modules.get("act"), child._modules.get("drop")
-            if type(act) not in (nn.ReLU, nn.Identity):
-                return f"{name}.act is {type(act).__name__}, not nn.ReLU or nn.Identity"
-            return f"{name}.drop is {type(drop).__name__} (only nn.Identity can be fused)"
         if any(RF.hooked(sub) for sub in child.modules()):
             return f"{name} has hooks (the fused forward would skip them)"
     if role == "relu" and type(child) is not nn.ReLU:
@@ -389,9 +388,11 @@ def fuse(model: nn.Module, backend: str = "auto", inplace: bool = False,
       a ``downsample = Sequential(Conv2d, BN)`` becomes a fused projection shortcut, any other (CIFAR
       option A ``ZeroPadShortcut``, timm's avg-pool downsample) is called as it is;
     - ``nn.Sequential`` (and subclasses that keep its forward, e.g. torchvision's ``Conv2dNormActivation``)
-      holding ``Conv2d → BatchNorm2d (→ ReLU)`` runs → :class:`FusedSequential` (same children and keys);
-    - timm's ``ConvNormAct`` whose ``BatchNormAct2d`` has a ReLU or no activation (RegNet, byobnet
-      ResNets) → :class:`FusedConvNormAct`;
+      holding ``Conv2d → BatchNorm2d (→ ReLU or a post-op activation)`` runs → :class:`FusedSequential`
+      (same children and keys);
+    - timm's ``ConvNormAct`` (a conv and a ``BatchNormAct2d``: RegNet, byobnet ResNets, CSPNets) →
+      :class:`FusedConvNormAct`, any activation (ReLU fused; SiLU, LeakyReLU, ... a oneDNN post-op in CPU
+      inference, see ``resfuse.functional.post_op``);
     - a torchvision / reference ``ResNet`` and the reference ``CifarResNet`` (wherever they sit in the
       tree) → ``resfuse.models.ResNet`` / ``CifarResNet``, whose forward also fuses the stem
       ``conv1 → bn1 → relu``. Other models' stems (timm's) stay plain: their own forward calls them.

@@ -4,9 +4,10 @@ through oneDNN (ATen), one GEMM or Winograd F(2x2, 3x3) / F(4x4, 3x3), chosen pe
 
 Two paths for the inference form ``conv_bias_act`` (BN already folded into ``w`` and ``bias``):
 
-* **oneDNN fast path** — ``torch.ops.mkldnn._convolution_pointwise`` (conv + bias + ReLU post-op) and
-  its ``.binary`` overload (conv + bias, then a binary ``add`` of the residual, then ReLU): a whole
-  inference layer, shortcut add included, in one oneDNN primitive. The folded weight is *prepacked*
+* **oneDNN fast path** — ``torch.ops.mkldnn._convolution_pointwise`` (conv + bias + an activation
+  post-op: SiLU, LeakyReLU, ... given as a :class:`~resfuse.backends.PostOp`; the ReLU runs in place
+  after it, see :func:`_onednn_run`) and its ``.binary`` overload (conv + bias, then a binary ``add``
+  of the residual): a whole inference layer, shortcut add included, in one oneDNN primitive. The folded weight is *prepacked*
   once into oneDNN's blocked layout (``torch.ops.mkldnn._reorder_convolution_weight``, the op Inductor's
   freezing pass uses) and cached on the folded weight tensor itself, per input shape, guarded by the
   weight's version counter. ``resfuse.functional.fold_bn`` already returns a new folded tensor whenever a
@@ -28,8 +29,10 @@ Two paths for the inference form ``conv_bias_act`` (BN already folded into ``w``
   - process-wide: :func:`set_onednn` ``(False)`` / ``(True)`` / ``(None)`` (back to the environment);
   - per thread: ``with resfuse.cpu_backend.portable():``.
 
-Memory format: outputs keep the input's format. With a channels_last input (the fast case) every layer
-reads and writes NHWC and no reorder happens anywhere. With an NCHW input the weight is not packed
+Memory format: as ATen's convolutions choose it — channels_last where the input or the weight suggests
+it (a channel slice of a channels_last tensor, or an NCHW input meeting a channels_last 3x3 weight, is
+copied to channels_last once, see :func:`_dense`), else NCHW. With a channels_last input (the fast case)
+every layer reads and writes NHWC and no reorder happens anywhere. With an NCHW input the weight is not packed
 (a packed weight makes oneDNN write NHWC, and the copy back to NCHW per layer costs more than the
 pack saves); oneDNN then reorders input and output per layer as eager PyTorch does, so NCHW inference
 is only as fast as eager's convolutions. Choose channels_last once at the model's input:
@@ -52,7 +55,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _extension, cpu_conv
-from .backends import Backend, ConvGeom, register_backend
+from .backends import Backend, ConvGeom, PostOp, register_backend
 
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -186,8 +189,26 @@ def _is_channels_last(t: torch.Tensor) -> bool:
     return t.is_contiguous(memory_format=torch.channels_last)
 
 
+def _suggests_cl(t: torch.Tensor) -> bool:
+    """Whether ``t``'s strides say channels_last: channels innermost and not NCHW-dense (a dense
+    channels_last tensor, or a channel slice of one; not a 1x1 weight, which is both)."""
+    return t.stride(1) == 1 and not t.is_contiguous()
+
+
+def _dense(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``x`` dense in the layout a convolution of ``x`` by ``w`` computes in — channels_last where either
+    suggests it, as ATen's convolutions choose — copied only where it is not already: an NCHW tensor
+    that meets a channels_last weight (timm's CSPNets call ``.contiguous()`` inside a stage) or a channel
+    slice of a channels_last tensor (their ``x.split(c, dim=1)``) then stays on the channels_last path
+    (packed weight, channels_last output) instead of taking every later layer to NCHW (timm
+    cspresnet50, batch 1: ~9 ms of per-layer copies in a 60 ms forward before)."""
+    fmt = torch.channels_last if _suggests_cl(x) or _suggests_cl(w) else torch.contiguous_format
+    return x if x.is_contiguous(memory_format=fmt) else x.contiguous(memory_format=fmt)
+
+
 class CpuBackend(Backend):
     name = "cpu"
+    post_ops = True  # SiLU, LeakyReLU, ... as oneDNN post-ops of inference convolutions (conv_bias_act)
 
     def __init__(self):
         from .ops import bn_act
@@ -226,10 +247,15 @@ class CpuBackend(Backend):
         """``act(conv(x, w) + bias[c] + residual)``: one oneDNN call when the fast path applies, or
         — for a 3x3 stride-1 fp32 channels_last layer where it measured faster on the first call —
         a Winograd F(2x2, 3x3) or F(4x4, 3x3) convolution with bias, residual and ReLU in its output
-        transform. ``consume``: the caller gives ``residual`` up, and oneDNN may write the result
-        into it (its in-place form: no new output buffer, see :func:`_onednn_run`)."""
+        transform. ``relu``: True (ReLU), False (none) or a :class:`~resfuse.backends.PostOp` (another
+        activation: oneDNN's post-op on the fast path, where Winograd is not a candidate; its ``fn``
+        after the convolution elsewhere). ``consume``: the caller gives ``residual`` up, and oneDNN may
+        write the result into it (its in-place form: no new output buffer, see :func:`_onednn_run`)."""
         if not self._fast(x, w, bias, residual):
+            if isinstance(relu, PostOp):
+                return relu.fn(super().conv_bias_act(x, w, bias, geom, residual, False))
             return super().conv_bias_act(x, w, bias, geom, residual, relu)
+        x = _dense(x, w)
         key, names = self._inference_key(x, w, bias, geom, residual, relu)
         trial = cpu_conv.decided("inference", key, names) is None
         consume = consume and not trial  # a trial runs every candidate several times on the residual
@@ -253,6 +279,7 @@ class CpuBackend(Backend):
         packed) or off the fast path."""
         if not self._fast(x, w, bias, residual):
             return None
+        x = _dense(x, w)  # (the step makes the same copy: _onednn_run, _winograd_run)
         key, names = self._inference_key(x, w, bias, geom, residual, relu)
         name = cpu_conv.decided("inference", key, names)
         if name == "onednn":
@@ -270,8 +297,8 @@ class CpuBackend(Backend):
     def _inference_key(x, w, bias, geom: ConvGeom, residual, relu):
         """The trial key of an inference layer and the names of its candidate algorithms."""
         names = ["onednn"]
-        if cpu_conv.winograd_applies(x, w, geom) and bias.dtype == x.dtype:
-            names += cpu_conv.WINOGRAD.values()
+        if cpu_conv.winograd_applies(x, w, geom) and bias.dtype == x.dtype and not isinstance(relu, PostOp):
+            names += cpu_conv.WINOGRAD.values()  # (its output transform applies a ReLU, no other activation)
         return (tuple(x.shape), tuple(w.shape), geom, x.dtype, residual is not None, relu), names
 
     def _onednn_bias_act(self, x, w, bias, geom: ConvGeom, residual, relu, consume=False):
@@ -313,7 +340,7 @@ def _pack_key(geom: ConvGeom, x: torch.Tensor) -> tuple:
     return tuple(x.shape), x.dtype, geom
 
 
-def _onednn_step(pw, bias, geom: ConvGeom, relu: bool, cl: bool, dtype):
+def _onednn_step(pw, bias, geom: ConvGeom, relu, cl: bool, dtype):
     """:func:`_onednn_run` bound to a layer's weight (packed or dense), bias and geometry: the
     ``step(x, residual, consume)`` both the regular call and an inference plan run."""
     if bias.dtype != dtype:  # bf16/fp16: oneDNN wants the bias in the activation dtype
@@ -323,23 +350,34 @@ def _onednn_step(pw, bias, geom: ConvGeom, relu: bool, cl: bool, dtype):
 
 
 def _onednn_run(pw, bias, pad, stride, dil, groups, relu, cl, x, residual, consume):
-    """One oneDNN inference layer: ``act(conv(x, pw) + bias + residual)``. With ``consume`` and a
+    """One oneDNN inference layer: ``act(conv(x, pw) + bias + residual)``, ``act`` a ReLU (``relu``
+    True), none (False) or the unary post-op of a :class:`~resfuse.backends.PostOp`. With ``consume`` and a
     residual that may take the result (channels_last, ``x``'s dtype, not sharing ``x``'s memory), the
     in-place form writes into the residual: no output buffer is allocated (resnet50, batch 4, 1 thread:
     the 64->256 1x1 at 56x56 with a fresh output buffer 5.9-11 ms, in place 5.4 ms — a fresh
     12.8 MB buffer is new pages or cold cache)."""
     ops = _ONEDNN
+    if cl and not _is_channels_last(x):
+        x = x.contiguous(memory_format=torch.channels_last)  # as conv_bias_act did when it made the step
     # oneDNN's fused ReLU post-op maps NaN to 0 (a max instruction); resfuse keeps PyTorch's
-    # NaN-in, NaN-out, so the ReLU runs as an in-place pass of its own (a few % of the conv's time)
+    # NaN-in, NaN-out, so the ReLU runs as an in-place pass of its own (a few % of the conv's time).
+    # A PostOp's activation is the unary post-op of a convolution without residual (those functional.post_op
+    # maps keep NaN and infinities as PyTorch does); after a residual add (the binary op takes no unary
+    # post-op but ReLU) it runs in place, as the ReLU does.
+    post = relu if isinstance(relu, PostOp) else None
     if residual is None:
-        y = ops.conv(x, pw, bias, pad, stride, dil, groups, "none", [], "")
+        attr, scalars, algorithm = (post.attr, list(post.scalars), post.algorithm) if post else ("none", [], "")
+        y = ops.conv(x, pw, bias, pad, stride, dil, groups, attr, scalars, algorithm)
+        post = None
     elif (consume and cl and residual.dtype == x.dtype and _is_channels_last(residual)
           and residual.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()):
         y = ops.binary_(residual, x, pw, bias, pad, stride, dil, groups, "add", 1.0, None, [], "")
     else:
         y = ops.binary(x, residual, pw, bias, pad, stride, dil, groups, "add", 1.0, None, [], "")
-    if relu:
+    if relu is True:
         y.relu_()
+    elif post is not None:
+        y = post.fn(y)
     if not cl and not y.is_contiguous():
         y = y.contiguous()  # NCHW in, NCHW out (the packed primitive computes in NHWC/blocked)
     return y
@@ -347,7 +385,8 @@ def _onednn_run(pw, bias, pad, stride, dil, groups, relu, cl, x, residual, consu
 
 def _winograd_run(u, bias, relu, chunk, tile, x, residual, consume):
     """One Winograd inference layer from its packed transformed weight ``u`` (``consume`` unused)."""
-    return torch.ops.resfuse.winograd_conv(x, u, bias, residual, relu, chunk, tile)
+    return torch.ops.resfuse.winograd_conv(x.contiguous(memory_format=torch.channels_last), u, bias, residual,
+                                           relu, chunk, tile)
 
 
 def _peek_pack(w: torch.Tensor, attr: str, key: tuple):

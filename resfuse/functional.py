@@ -14,28 +14,75 @@ Three paths, chosen per call:
 * **reference** (backend ``reference``, or a case the fused path does not cover — e.g. a conv with a
   bias or string padding): the modules themselves, i.e. plain PyTorch.
 * **inference** (every BN uses running statistics and no gradient is needed): BN folded into the conv
-  weight and a bias, then ``backend.conv_bias_act`` — conv + bias + residual + ReLU in one call.
+  weight and a bias, then ``backend.conv_bias_act`` — conv + bias + residual + ReLU in one call (or
+  another activation, as a post-op where the backend takes one: :func:`post_op`).
 * **training** (anything else): ``ConvBNChainFunction`` (``resfuse/ops/chain.py``), one autograd node.
 """
 from __future__ import annotations
 
+import functools
 import weakref
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from . import backends
+from .backends import PostOp
 from .ops import bn_act as prim
 from .ops.chain import ChainSpec, ConvBNChainFunction, LayerSpec, as_dtype
 
 Shortcut = Union[None, torch.Tensor, Tuple[torch.Tensor, nn.Conv2d, nn.BatchNorm2d]]
 
 def conv_bn_act(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, residual: Shortcut = None,
-                relu: bool = True) -> torch.Tensor:
+                relu: bool = True, act: Optional[nn.Module] = None) -> torch.Tensor:
     """``act(bn(conv(x)) + residual)``; ``residual`` is None, a tensor of the output's shape, or a
-    projection ``(x_s, conv_s, bn_s)`` meaning ``bn_s(conv_s(x_s))``."""
-    return conv_bn_chain(x, ((conv, bn),), residual, relu)
+    projection ``(x_s, conv_s, bn_s)`` meaning ``bn_s(conv_s(x_s))``. ``act`` is a ReLU (``relu=True``),
+    none (``relu=False``) or, when given, the module ``act`` (``relu`` is then not used) — any module
+    of one tensor, e.g. the ``nn.SiLU`` or ``nn.LeakyReLU`` of timm's ``ConvNormAct`` units. The fused
+    unit then computes ``bn(conv(x)) + residual`` and calls ``act`` on it, except in inference on the
+    ``cpu`` backend's oneDNN path, where an activation :func:`post_op` maps is the convolution's
+    post-op (no pass of its own)."""
+    if act is not None and not isinstance(act, nn.Module):
+        raise TypeError(f"resfuse: act must be an nn.Module (e.g. nn.SiLU()), got {type(act).__name__}")
+    return _chain(x, ((conv, bn),), residual, relu and act is None, None, act=act)
+
+
+def _silu_(t):
+    return F.silu(t, inplace=True)
+
+
+def _hardswish_(t):
+    return F.hardswish(t, inplace=True)
+
+
+def post_op(act: nn.Module) -> Optional[PostOp]:
+    """The oneDNN post-op computing the activation module ``act`` (no hooks, exact type), or None.
+
+    Mapped: ``nn.SiLU`` (oneDNN's ``swish``), ``nn.LeakyReLU``, ``nn.Hardswish``, ``nn.GELU(approximate=
+    "tanh")``, ``nn.Sigmoid``, ``nn.Tanh`` — the post-ops whose results were checked equal to
+    PyTorch's, NaN and infinities included (tests/test_activations.py). Not mapped (the module runs
+    after the convolution): ``nn.ReLU6``/``nn.Hardtanh`` and ``nn.Hardsigmoid`` (oneDNN's clamps map NaN
+    to a number, as its ReLU does), the exact ``nn.GELU`` (oneDNN's maps +inf to NaN), anything else.
+    """
+    t = type(act)
+    if hooked(act):
+        return None
+    if t is nn.SiLU:
+        return PostOp("swish", (), "", _silu_)
+    if t is nn.LeakyReLU:
+        slope = float(act.negative_slope)
+        return PostOp("leaky_relu", (slope,), "", functools.partial(F.leaky_relu, negative_slope=slope, inplace=True))
+    if t is nn.Hardswish:
+        return PostOp("hardswish", (), "", _hardswish_)
+    if t is nn.GELU and act.approximate == "tanh":
+        return PostOp("gelu", (), "tanh", functools.partial(F.gelu, approximate="tanh"))
+    if t is nn.Sigmoid:
+        return PostOp("sigmoid", (), "", torch.sigmoid_)
+    if t is nn.Tanh:
+        return PostOp("tanh", (), "", torch.tanh_)
+    return None
 
 
 def conv_bn_chain(x: torch.Tensor, layers: Sequence[Tuple[nn.Conv2d, nn.BatchNorm2d]],
@@ -91,11 +138,14 @@ def _pooled(h: torch.Tensor, pool) -> torch.Tensor:
     return h if pool is None else pool[0](h)
 
 
-def _chain(x, layers, shortcut, relu, weights, pool=None, consume=False):
+def _chain(x, layers, shortcut, relu, weights, pool=None, consume=False, act=None):
     """:func:`conv_bn_chain` with an optional ``pool = (max-pool module, geometry)`` after the final
-    ReLU (no shortcut)."""
+    ReLU (no shortcut), or an activation module ``act`` instead of the final ReLU (``relu`` False; see
+    :func:`conv_bn_act`)."""
+    post = None if act is None else post_op(act)
     # (a chain whose first BN is in training mode never runs the inference path: no plan to look for)
-    sig = _plan_sig(x, layers, shortcut, relu, pool) if weights is None and not layers[0][1].training else None
+    sig = _plan_sig(x, layers, shortcut, relu, pool, act, post) \
+        if weights is None and not layers[0][1].training else None
     if sig is not None:
         y = _run_plan(sig, x, layers, shortcut, pool, consume)
         if y is not None:
@@ -112,17 +162,19 @@ def _chain(x, layers, shortcut, relu, weights, pool=None, consume=False):
     why = _unfusable(layers, shortcut)
     be = backends.select("conv_bn_chain", x) if why is None else backends.instance("reference")[0]
     if be.name == "reference":
-        return _pooled(_plain(x, layers, shortcut, relu, weights), pool)
+        y = _pooled(_plain(x, layers, shortcut, relu, weights), pool)
+        return y if act is None else act(y)
 
     dev = x.device.type
     if torch.is_autocast_enabled(dev):
         dt = torch.get_autocast_dtype(dev)
         with torch.autocast(dev, enabled=False):
-            return _dispatch(be, x.to(dt), layers, shortcut, relu, dt, weights, pool, consume)
-    return _dispatch(be, x, layers, shortcut, relu, None, weights, pool, consume, sig)
+            return _dispatch(be, x.to(dt), layers, shortcut, relu, dt, weights, pool, consume, None, act, post)
+    return _dispatch(be, x, layers, shortcut, relu, None, weights, pool, consume, sig, act, post)
 
 
-def _dispatch(be, x, layers, shortcut, relu, cast, weights=None, pool=None, consume=False, plan=None):
+def _dispatch(be, x, layers, shortcut, relu, cast, weights=None, pool=None, consume=False, plan=None, act=None,
+              post=None):
     override = {id(conv): w for (conv, _), w in zip(layers, weights)} if weights is not None else {}
 
     def w_of(conv):
@@ -138,7 +190,7 @@ def _dispatch(be, x, layers, shortcut, relu, cast, weights=None, pool=None, cons
 
     batch_stats = [_uses_batch_stats(bn) for bn in all_bns]
     if not any(batch_stats) and not _needs_grad(x, layers, shortcut, weights):
-        return _pooled(_inference(be, x, layers, shortcut, relu, cast, override, consume, plan), pool)
+        return _pooled(_inference(be, x, layers, shortcut, relu, cast, override, consume, plan, act, post), pool)
 
     specs = tuple(_layer_spec(conv, bn) for conv, bn in layers)
     flat = []
@@ -165,7 +217,8 @@ def _dispatch(be, x, layers, shortcut, relu, cast, weights=None, pool=None, cons
         for j, bn in enumerate(all_bns):
             if batch_stats[j]:
                 _update_running(bn, stats[2 * j], stats[2 * j + 1])
-    return out if fuse_pool else _pooled(out, pool)
+    out = out if fuse_pool else _pooled(out, pool)
+    return out if act is None else act(out)
 
 
 def _out_hw(h, w, conv):
@@ -219,10 +272,14 @@ def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: Optional[torch.dtype] = 
     return wf, bias
 
 
-def _inference(be, x, layers, shortcut, relu, cast, override, consume=False, plan=None):
+def _inference(be, x, layers, shortcut, relu, cast, override, consume=False, plan=None, act=None, post=None):
     """The folded layers through ``be.conv_bias_act``; with ``plan`` (a :func:`_plan_sig`), each
     layer's :meth:`~resfuse.backends.Backend.conv_bias_act_step` is collected as well and, when every
-    layer has one, stored as the chain's inference plan (:func:`_run_plan`)."""
+    layer has one, stored as the chain's inference plan (:func:`_run_plan`). A final activation module
+    ``act`` goes to the last layer as its ``post`` op where the backend takes post-ops, else it is
+    called on the result."""
+    final = post if post is not None and be.post_ops else relu
+    after = act if act is not None and final is not post else None
     steps = [] if plan is not None else None
     res = shortcut
     if isinstance(shortcut, tuple):
@@ -238,14 +295,14 @@ def _inference(be, x, layers, shortcut, relu, cast, override, consume=False, pla
     for i, (conv, bn) in enumerate(layers):
         wf, bf = fold_bn(conv, bn, cast, override.get(id(conv)))
         g = backends.ConvGeom.of(conv)
-        r, act = (res, relu) if i == last else (None, True)
-        y = be.conv_bias_act(h, wf, bf, g, r, act, consume and i == last)
+        r, a = (res, final) if i == last else (None, True)
+        y = be.conv_bias_act(h, wf, bf, g, r, a, consume and i == last)
         if steps is not None:  # after the call: it settles the algorithm and the packed weight
-            steps.append(be.conv_bias_act_step(h, wf, bf, g, r, act))
+            steps.append(be.conv_bias_act_step(h, wf, bf, g, r, a))
         h = y
     if steps is not None and all(st is not None for st in steps):
-        _store_plan(plan, be, layers, shortcut, steps)
-    return h
+        _store_plan(plan, be, layers, shortcut, steps, after)
+    return h if after is None else after(h)
 
 
 # -- inference plans: a chain's settled layer calls, replayed while nothing they depend on changes --
@@ -259,7 +316,7 @@ _MAX_PLANS = 4  # input signatures kept per chain (the oldest dropped)
 
 
 class _Plan:
-    __slots__ = ("backend", "token", "refs", "state", "proj", "steps")
+    __slots__ = ("backend", "token", "refs", "state", "proj", "steps", "after")
 
     def run(self, x, shortcut, pool, consume):
         res = shortcut
@@ -273,10 +330,12 @@ class _Plan:
             h = st(h, None, False)
         h = steps[-1](h, res, consume)
         backends.note_used("conv_bn_chain", self.backend.name)
+        if self.after is not None:
+            h = self.after(h)
         return h if pool is None else pool[0](h)
 
 
-def _plan_sig(x, layers, shortcut, relu, pool):
+def _plan_sig(x, layers, shortcut, relu, pool, act=None, post=None):
     """What a plan is made for: the input's shape, strides and dtype, the chain's modules and their
     settings, the shortcut's kind (and a tensor shortcut's layout), grad mode, the backend choice and
     threads; None where no plan applies (autocast, torch.compile, tensor subclasses, parametrized
@@ -307,7 +366,8 @@ def _plan_sig(x, layers, shortcut, relu, pool):
             return None
         mods += (id(c), id(b), c.stride, c.padding, c.dilation, c.groups, c.padding_mode, b.eps, b.training)
     return (x.shape, x.stride(), x.dtype, x.device, sc, bool(relu), None if pool is None else (id(pool[0]), pool[1]),
-            grad, backends.get_backend_name(), torch.get_num_threads(), tuple(mods))
+            None if act is None else (id(act), post), grad, backends.get_backend_name(), torch.get_num_threads(),
+            tuple(mods))
 
 
 def _pairs(layers, shortcut) -> list:
@@ -328,8 +388,9 @@ def _tensor_state(ts) -> tuple:
     return tuple(None if t is None else (t._version, t.data_ptr(), t.requires_grad) for t in ts)
 
 
-def _store_plan(sig, be, layers, shortcut, steps) -> None:
+def _store_plan(sig, be, layers, shortcut, steps, after=None) -> None:
     plan = _Plan()
+    plan.after = after
     plan.backend, plan.token = be, be.plan_token()
     plan.refs = _plan_tensors(layers, shortcut)
     plan.state = _tensor_state(plan.refs)

@@ -1,7 +1,7 @@
 """Choose channels_last once, at a model's input, and keep it through every block.
 
 On CPU, oneDNN convolutions run natively in NHWC: with a channels_last input every fused unit reads
-and writes channels_last (resfuse's kernels and the oneDNN fast path keep the input's memory format),
+and writes channels_last (resfuse's kernels and the oneDNN fast path compute in channels_last wherever the input or the weight is),
 so no layer ever converts its activations. With an NCHW input each oneDNN convolution reorders its
 input and output between NCHW and its blocked layout — a hidden conversion per layer. Converting once
 at the input is the cheap fix; this module does it without touching the model's code::

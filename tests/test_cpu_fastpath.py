@@ -626,6 +626,29 @@ def test_grad_needed_takes_training_path(path):
     assert _rel(x.grad, x2.grad) < 1e-3
 
 
+@pytest.mark.parametrize("case", ["nchw_x_cl_w", "cl_channel_slice", "nchw_channel_slice"])
+def test_memory_format_follows_aten(path, case):
+    """The layout a layer computes in is ATen's: channels_last where the input or the weight suggests it
+    — an NCHW input meeting a channels_last 3x3 weight (timm's CSPNets call ``.contiguous()`` inside a
+    stage) and a channel slice of a channels_last tensor (their ``split``) give channels_last results,
+    as ``F.conv2d`` does, so later layers stay on the channels_last path; an NCHW slice stays NCHW."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(8, 16, 3, padding=1, bias=False)
+    bn = randomize_bn(torch.nn.BatchNorm2d(16)).eval()
+    big = torch.randn(2, 16, 9, 9)
+    if case == "nchw_x_cl_w":
+        conv = conv.to(memory_format=CL)
+        x = big[:, :8].contiguous()
+    else:
+        x = (big.contiguous(memory_format=CL) if case == "cl_channel_slice" else big)[:, 4:12]
+    with torch.no_grad():
+        want = bn(conv(x))
+        for _ in range(3):  # first sight, trial, plan replay
+            got = RF.conv_bn_act(x, conv, bn, relu=False)
+            assert _rel(got, want) < 1e-5
+            assert got.is_contiguous(memory_format=CL) == want.is_contiguous(memory_format=CL) == (case != "nchw_channel_slice")
+
+
 # -- layout helper ----------------------------------------------------------------------------------------
 def test_fused_resnet_runs_channels_last_inside_for_an_nchw_input(path):
     """resfuse.fuse(model)(x) with an NCHW x: CPU inference converts x once at the model's input

@@ -7,7 +7,7 @@ added after the last BN, and an optional final ReLU — as one autograd node.
     shortcut = 0 | r (a tensor of out's shape) | bn_s(conv_s(x_s))   (projection)
 
 ConvBNAct is a chain of 1, BasicBlock of 2, Bottleneck of 3. The node saves ``x``, every conv output
-``y_i``, ``out`` and per-channel statistics, and *recomputes* ``a_i`` in backward (one cheap
+``y_i``, ``out`` (with a final ReLU, for its mask) and per-channel statistics, and *recomputes* ``a_i`` in backward (one cheap
 elementwise pass) instead of keeping it: eager PyTorch keeps ``y_i`` (for BN) and ``a_i`` (for the
 next conv) — so the chain holds one activation less per inner layer.
 
@@ -188,7 +188,10 @@ class ConvBNChainFunction(torch.autograd.Function):
         if spec.pool is not None:  # out = max_pool(relu(bn(y))); saved: the uint8 argmax instead of out
             out, keep = be.bn_act_max_pool(ys[-1], scale, shift, *spec.pool)
         else:
-            out = keep = be.bn_act(ys[-1], scale, shift, residual, res_scale, spec.relu)
+            out = be.bn_act(ys[-1], scale, shift, residual, res_scale, spec.relu)
+            # out is kept for the final ReLU's mask only: without a ReLU the caller may change it in place
+            # (e.g. an nn.SiLU(inplace=True) after a ConvNormAct unit's BN)
+            keep = out if spec.relu else None
 
         ctx.spec, ctx.backend_name = spec, backend_name
         ctx.counts = [n[4] for n in norms]
@@ -250,6 +253,8 @@ class ConvBNChainFunction(torch.autograd.Function):
             grad_out = be.max_pool_act_backward(grad_out, out, ys[-1], *spec.pool)
             out, relu = grad_out, False  # (out is not read without relu)
         grad_out = grad_out.contiguous(memory_format=_memory_format(ys[-1]))
+        if out is None:  # no final ReLU: out is not read, grad_out stands in for it
+            out = grad_out
 
         # -- last layer + shortcut: one reduce, one apply -----------------------------------------
         mean, invstd, scale, shift, count = norms[-1]
