@@ -248,8 +248,8 @@ class CpuBackend(Backend):
         — for a 3x3 stride-1 fp32 channels_last layer where it measured faster on the first call —
         a Winograd F(2x2, 3x3) or F(4x4, 3x3) convolution with bias, residual and ReLU in its output
         transform. ``relu``: True (ReLU), False (none) or a :class:`~resfuse.backends.PostOp` (another
-        activation: oneDNN's post-op on the fast path, where Winograd is not a candidate; its ``fn``
-        after the convolution elsewhere). ``consume``: the caller gives ``residual`` up, and oneDNN may
+        activation: oneDNN's post-op on the fast path; its ``fn`` in place after a Winograd convolution
+        and off the fast path). ``consume``: the caller gives ``residual`` up, and oneDNN may
         write the result into it (its in-place form: no new output buffer, see :func:`_onednn_run`)."""
         if not self._fast(x, w, bias, residual):
             if isinstance(relu, PostOp):
@@ -297,8 +297,8 @@ class CpuBackend(Backend):
     def _inference_key(x, w, bias, geom: ConvGeom, residual, relu):
         """The trial key of an inference layer and the names of its candidate algorithms."""
         names = ["onednn"]
-        if cpu_conv.winograd_applies(x, w, geom) and bias.dtype == x.dtype and not isinstance(relu, PostOp):
-            names += cpu_conv.WINOGRAD.values()  # (its output transform applies a ReLU, no other activation)
+        if cpu_conv.winograd_applies(x, w, geom) and bias.dtype == x.dtype:
+            names += cpu_conv.WINOGRAD.values()
         return (tuple(x.shape), tuple(w.shape), geom, x.dtype, residual is not None, relu), names
 
     def _onednn_bias_act(self, x, w, bias, geom: ConvGeom, residual, relu, consume=False):
@@ -310,7 +310,7 @@ class CpuBackend(Backend):
         """Winograd F(tile x tile, 3x3) with the transformed weight prepacked for oneDNN (the GEMMs:
         one P-group 1x1 convolution) and cached on ``w``."""
         chunk = cpu_conv.winograd_chunk(x, tile)
-        return cpu_conv.winograd_forward(x, _winograd_packed(w, x, tile, chunk), bias, residual, relu, chunk, tile)
+        return _winograd_run(_winograd_packed(w, x, tile, chunk), bias, relu, chunk, tile, x, residual, False)
 
     def _fast(self, x, w, bias, residual) -> bool:
         if onednn_status() is not None or torch.compiler.is_compiling():
@@ -384,9 +384,12 @@ def _onednn_run(pw, bias, pad, stride, dil, groups, relu, cl, x, residual, consu
 
 
 def _winograd_run(u, bias, relu, chunk, tile, x, residual, consume):
-    """One Winograd inference layer from its packed transformed weight ``u`` (``consume`` unused)."""
-    return torch.ops.resfuse.winograd_conv(x.contiguous(memory_format=torch.channels_last), u, bias, residual,
-                                           relu, chunk, tile)
+    """One Winograd inference layer from its packed transformed weight ``u`` (``consume`` unused): bias,
+    residual and a ReLU in the output transform; a :class:`~resfuse.backends.PostOp`'s activation in
+    place after it (so the trial weighs that pass against oneDNN's fused post-op)."""
+    y = torch.ops.resfuse.winograd_conv(x.contiguous(memory_format=torch.channels_last), u, bias, residual,
+                                        relu is True, chunk, tile)
+    return relu.fn(y) if isinstance(relu, PostOp) else y
 
 
 def _peek_pack(w: torch.Tensor, attr: str, key: tuple):

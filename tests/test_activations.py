@@ -121,7 +121,8 @@ def test_nan_and_inf_propagate(path, act):
 
 def test_post_op_runs_inside_the_convolution(monkeypatch):
     """On the oneDNN path a mapped activation is the convolution's post-op: its PyTorch function is
-    never called; on the portable path it is (after the convolution)."""
+    never called; on the portable path it is (after the convolution). (oneDNN forced: a 3x3 layer's
+    Winograd candidate applies the activation after its output transform.)"""
     if _onednn_reason() is not None:
         pytest.skip(f"oneDNN fast path unavailable: {_onednn_reason()}")
     calls = []
@@ -129,32 +130,44 @@ def test_post_op_runs_inside_the_convolution(monkeypatch):
     conv, bn = _unit()
     conv.eval(), bn.eval()
     x = torch.randn(2, 8, 9, 9).contiguous(memory_format=CL)
-    with torch.no_grad(), resfuse.use_backend("cpu"):
-        want = _plain(x, conv, bn, nn.SiLU())
-        for _ in range(3):
-            assert_close_ref(RF.conv_bn_act(x, conv, bn, act=nn.SiLU()), want, rtol=1e-5)
-        assert calls == []
-        with cpu_backend.portable():
-            assert_close_ref(RF.conv_bn_act(x, conv, bn, act=nn.SiLU()), want, rtol=1e-5)
-        assert calls == [1]
+    cpu_conv.set_algo("onednn")
+    try:
+        with torch.no_grad(), resfuse.use_backend("cpu"):
+            want = _plain(x, conv, bn, nn.SiLU())
+            for _ in range(3):
+                assert_close_ref(RF.conv_bn_act(x, conv, bn, act=nn.SiLU()), want, rtol=1e-5)
+            assert calls == []
+            with cpu_backend.portable():
+                assert_close_ref(RF.conv_bn_act(x, conv, bn, act=nn.SiLU()), want, rtol=1e-5)
+            assert calls == [1]
+    finally:
+        cpu_conv.set_algo(None)
 
 
-def test_winograd_is_not_a_candidate_with_a_post_op():
-    """Winograd's output transform applies a ReLU only: with another activation the 3x3 layer's
-    inference choice is oneDNN's (even where Winograd is forced)."""
+@pytest.mark.parametrize("algo", ["winograd", "winograd4"])
+@pytest.mark.parametrize("residual", [False, True])
+def test_winograd_with_a_post_op(algo, residual, monkeypatch):
+    """Winograd's output transform applies bias, residual and a ReLU; another activation runs in place
+    after it (a forced Winograd, and its plan replay, give the activated result)."""
     if _onednn_reason() is not None:
         pytest.skip(f"oneDNN fast path unavailable: {_onednn_reason()}")
+    ran = []
+    orig = torch.ops.resfuse.winograd_conv
+    monkeypatch.setattr(cpu_backend.torch.ops.resfuse, "winograd_conv",
+                        lambda *a: ran.append(1) or orig(*a), raising=False)
     conv, bn = _unit(16, 16)
     conv.eval(), bn.eval()
     x = torch.randn(2, 16, 12, 12).contiguous(memory_format=CL)
-    cpu_conv.set_algo("winograd4")
+    r = torch.randn(2, 16, 12, 12).contiguous(memory_format=CL) if residual else None
+    cpu_conv.set_algo(algo)
     try:
         with torch.no_grad(), resfuse.use_backend("cpu"):
-            for _ in range(2):
-                got = RF.conv_bn_act(x, conv, bn, act=nn.SiLU())
+            want = _plain(x, conv, bn, nn.SiLU(), r)
+            for _ in range(3):
+                assert_close_ref(RF.conv_bn_act(x, conv, bn, r, act=nn.SiLU()), want, rtol=1e-5)
     finally:
         cpu_conv.set_algo(None)
-    assert_close_ref(got, _plain(x, conv, bn, nn.SiLU()), rtol=1e-5)
+    assert ran
 
 
 @pytest.mark.parametrize("act", ["SiLU", "SiLU_inplace", "LeakyReLU", "GELU", "Mish"])
