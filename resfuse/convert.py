@@ -29,7 +29,8 @@ from . import models as fmodels
 from . import nn as fnn
 from .testing import rel_error, tolerance
 
-__all__ = ["PATTERNS", "FusedConvNormAct", "FusedSequential", "explain_model", "fuse", "unfuse"]
+__all__ = ["PATTERNS", "FusedByobBasicBlock", "FusedByobBottleneck", "FusedConvNormAct", "FusedSequential",
+           "explain_model", "fuse", "unfuse"]
 
 _BN_TYPES = (nn.BatchNorm2d, nn.SyncBatchNorm)
 _ORIGIN = "_resfuse_unfused"  # instance attribute of a swapped module: "module.QualName" of its original class
@@ -85,6 +86,56 @@ class FusedConvNormAct(nn.Module):
         else:
             x = RF.conv_bn_act(x, conv, bn, act=act)
         return x if aa is None else aa(x)
+
+
+class _FusedByobBlock(nn.Module):
+    """timm byobnet's blocks (``resnet33ts``, ``resnext26ts``, ``gernet``, RegNetZ, ...): their conv-BN units
+    are fused ``ConvNormAct`` units of their own; here the last one also adds the shortcut and applies the
+    block's activation — ``act(bn(conv(h)) + shortcut)`` as one fused unit (a ReLU in its BN pass, SiLU
+    & co. as :func:`resfuse.functional.conv_bn_act`'s ``act``), a ``ConvNormAct`` projection shortcut
+    fused into it as a projection. Where anything between them computes (``attn_last``, ``drop_path``
+    not ``nn.Identity``), the last unit is not a plain fused conv-BN, the block has no shortcut, or hooks
+    sit on a module the fused tail would not call, the block runs timm's own sequence with its units."""
+
+    def _tail(self, h, x, last):
+        sc, act = self.shortcut, self.act
+        if (sc is None or type(self.attn_last) is not nn.Identity or type(self.drop_path) is not nn.Identity
+                or not _plain_unit(last) or any(RF.hooked(m) for m in (self.attn_last, self.drop_path, act))):
+            h = self.drop_path(self.attn_last(last(h)))
+            return act(h if sc is None else h + sc(x))
+        if _plain_unit(sc):
+            res = (x, sc.conv, sc.bn)
+        else:
+            res = sc(x)
+        if type(act) in (nn.ReLU, nn.Identity):
+            return RF.conv_bn_act(h, last.conv, last.bn, res, relu=type(act) is nn.ReLU)
+        return RF.conv_bn_act(h, last.conv, last.bn, res, act=act)
+
+
+def _plain_unit(unit) -> bool:
+    """Whether ``unit`` is a fused ``ConvNormAct`` computing just ``bn(conv(x))``: no activation, drop or
+    ``aa``, no hooks on it or inside it."""
+    if type(unit) is not FusedConvNormAct or unit._modules.get("aa") is not None:
+        return False
+    bn = unit.bn
+    if type(bn._modules.get("act")) is not nn.Identity or type(bn._modules.get("drop")) is not nn.Identity:
+        return False
+    return not any(RF.hooked(m) for m in unit.modules())
+
+
+class FusedByobBasicBlock(_FusedByobBlock):
+    """timm ``byobnet.BasicBlock``: ``conv1_kxk`` → ``attn`` → ``conv2_kxk`` (+ shortcut, act fused in)."""
+
+    def forward(self, x):
+        return self._tail(self.attn(self.conv1_kxk(x)), x, self.conv2_kxk)
+
+
+class FusedByobBottleneck(_FusedByobBlock):
+    """timm ``byobnet.BottleneckBlock``: ``conv1_1x1`` → ``conv2_kxk`` → ``conv2b_kxk`` → ``attn`` →
+    ``conv3_1x1`` (+ shortcut, act fused in)."""
+
+    def forward(self, x):
+        return self._tail(self.attn(self.conv2b_kxk(self.conv2_kxk(self.conv1_1x1(x)))), x, self.conv3_1x1)
 
 
 def _run_length(mods, i: int) -> int:
@@ -144,6 +195,14 @@ PATTERNS: tuple[Pattern, ...] = (
             {"bn1": "call", "conv1": "conv", "bn2": "bn", "conv2": "conv", "bn3": "bn", "conv3": "call",
              "relu": "relu", "downsample": "call?"}),
     Pattern(("timm.layers.conv_bn_act.ConvNormAct",), FusedConvNormAct, {"conv": "conv", "bn": "bnact", "aa": "call?"}),
+    # timm byobnet blocks: every child is called (their ConvNormAct units are fused on their own); the
+    # fused forward adds the shortcut and the activation inside the last unit (_FusedByobBlock)
+    Pattern(("timm.models.byobnet.BasicBlock",), FusedByobBasicBlock,
+            {"shortcut": "call?", "conv1_kxk": "call", "attn": "call", "conv2_kxk": "call", "attn_last": "call",
+             "drop_path": "call", "act": "call"}),
+    Pattern(("timm.models.byobnet.BottleneckBlock",), FusedByobBottleneck,
+            {"shortcut": "call?", "conv1_1x1": "call", "conv2_kxk": "call", "conv2b_kxk": "call", "attn": "call",
+             "conv3_1x1": "call", "attn_last": "call", "drop_path": "call", "act": "call"}),
     # whole models: the stem conv1 → bn1 → relu is used by the model's own forward, so only the model's
     # class can fuse it; swapped only for these exact forwards (timm's ResNet keeps its stem unfused)
     Pattern(("resfuse.reference.resnet.ResNet", "torchvision.models.resnet.ResNet"), fmodels.ResNet,
@@ -392,7 +451,9 @@ def fuse(model: nn.Module, backend: str = "auto", inplace: bool = False,
       (same children and keys);
     - timm's ``ConvNormAct`` (a conv and a ``BatchNormAct2d``: RegNet, byobnet ResNets, CSPNets) →
       :class:`FusedConvNormAct`, any activation (ReLU fused; SiLU, LeakyReLU, ... a oneDNN post-op in CPU
-      inference, see ``resfuse.functional.post_op``);
+      inference, see ``resfuse.functional.post_op``); timm byobnet's ``BasicBlock`` / ``BottleneckBlock`` →
+      :class:`FusedByobBasicBlock` / :class:`FusedByobBottleneck` (their units as above, the shortcut add
+      and the block's activation inside the last unit);
     - a torchvision / reference ``ResNet`` and the reference ``CifarResNet`` (wherever they sit in the
       tree) → ``resfuse.models.ResNet`` / ``CifarResNet``, whose forward also fuses the stem
       ``conv1 → bn1 → relu``. Other models' stems (timm's) stay plain: their own forward calls them.

@@ -11,9 +11,10 @@ from torch.utils.checkpoint import checkpoint
 from tvshim import import_timm, import_torchvision
 
 import resfuse
+from resfuse import functional as RF
 from resfuse import models, reference
 from resfuse import nn as fnn
-from resfuse.convert import FusedConvNormAct, FusedSequential
+from resfuse.convert import FusedByobBasicBlock, FusedByobBottleneck, FusedConvNormAct, FusedSequential
 from resfuse.ops import bn_act as bn_act_ops
 from resfuse.testing import assert_close_ref, assert_error_ratio, randomize_bn
 
@@ -138,21 +139,23 @@ def test_timm_extras_compile_fullgraph(timm, monkeypatch):
         assert_close_ref(p.grad, q.grad, rtol=1e-4, name=f"grad {n}")
 
 
-@pytest.mark.parametrize("name, units, float64", [("regnetx_002", 44, True), ("resnet33ts", 38, False),
-                                                   ("cspresnet50", 55, False)])
-def test_timm_conv_norm_act(timm, name, units, float64):
+@pytest.mark.parametrize("name, units, blocks, float64", [("regnetx_002", 44, 0, True), ("resnet33ts", 38, 10, False),
+                                                           ("cspresnet50", 55, 0, False), ("gernet_s", 45, 14, False)])
+def test_timm_conv_norm_act(timm, name, units, blocks, float64):
     """timm's ConvNormAct units run fused whatever their activation — RegNet's ReLU, the byobnet ResNets'
-    SiLU, the CSPNets' LeakyReLU (a oneDNN post-op in CPU inference) — nothing is left; unfuse gives
-    timm's class back."""
+    SiLU, the CSPNets' LeakyReLU (a oneDNN post-op in CPU inference) — and byobnet's blocks add their
+    shortcut and activation inside their last unit; nothing is left; unfuse gives timm's classes back."""
     torch.manual_seed(0)
     plain = randomize_bn(timm.create_model(name, num_classes=10), seed=1)
     check_fused_model(plain, torch.randn(2, 3, 48, 48), float64=float64)
     fused = resfuse.fuse(plain)
     assert_shares(fused, plain)
-    assert [type(m) for m in fused.modules()].count(FusedConvNormAct) == units
+    kinds = [type(m) for m in fused.modules()]
+    assert kinds.count(FusedConvNormAct) == units
+    assert kinds.count(FusedByobBottleneck) + kinds.count(FusedByobBasicBlock) == blocks
     assert not [line for line in sections(resfuse.explain(fused))["left"] if "ConvNormAct" in line]
     back = resfuse.unfuse(fused)
-    assert FusedConvNormAct not in {type(m) for m in back.modules()}
+    assert not {FusedConvNormAct, FusedByobBottleneck, FusedByobBasicBlock} & {type(m) for m in back.modules()}
     assert [type(m) for m in back.modules()] == [type(m) for m in plain.modules()]
     assert_shares(back, plain)
 
@@ -180,6 +183,59 @@ def test_fused_conv_norm_act_follows_edits(timm):
     unit.bn.register_forward_hook(lambda *a: None)
     report = sections(resfuse.explain(resfuse.fuse(unit)))
     assert any("bn has hooks" in line for line in report["left"])
+
+
+@pytest.mark.parametrize("edit", ["none", "attn_last", "drop_path", "no_shortcut", "hook_last", "hook_act",
+                                  "relu_act", "act_in_last_unit"])
+def test_byob_block_tail_follows_edits(timm, edit, monkeypatch):
+    """A fused byobnet block adds its shortcut and activation inside its last unit only while that is
+    what timm's forward computes; after an edit it runs timm's sequence (same results either way, in
+    float64: eval and train, a ConvNormAct projection shortcut and an identity one)."""
+    torch.manual_seed(0)
+    plain = randomize_bn(timm.create_model("resnet33ts", num_classes=10), seed=1).double()
+    blocks = list(plain.stages[1])  # the first with a projection shortcut, the others identity
+    for b in blocks:
+        if edit == "attn_last":
+            b.attn_last = nn.Hardswish()
+        elif edit == "drop_path":
+            b.drop_path = nn.Dropout(0.0)
+        elif edit == "no_shortcut":
+            b.shortcut = None
+        elif edit == "relu_act":
+            b.act = nn.ReLU()
+        elif edit == "act_in_last_unit":
+            b.conv3_1x1.bn.act = nn.SiLU()
+    fused = resfuse.fuse(copy.deepcopy(plain))
+    assert {type(fused.stages[1][0]), type(fused.stages[1][1])} == {FusedByobBottleneck}
+    seen = []
+    if edit in ("hook_last", "hook_act"):
+        for b in fused.stages[1]:
+            (b.conv3_1x1 if edit == "hook_last" else b.act).register_forward_hook(lambda *a: seen.append(1))
+    x = torch.randn(2, 3, 48, 48, dtype=torch.float64)
+    tails = []  # fused units given a residual: the blocks' tails
+    orig = RF.conv_bn_act
+    fused.eval()
+    with torch.no_grad():
+        h = fused.stages[0](fused.stem(x))
+        monkeypatch.setattr(RF, "conv_bn_act", lambda x, conv, bn, residual=None, **k: (
+            tails.append(1) if residual is not None else None) or orig(x, conv, bn, residual, **k))
+        fused.stages[1](h)
+        monkeypatch.setattr(RF, "conv_bn_act", orig)
+    assert len(tails) == (len(blocks) if edit in ("none", "relu_act") else 0)
+    seen.clear()
+    with torch.no_grad():
+        want = plain.eval()(x)
+        fused.eval()
+        for _ in range(2):
+            assert_close_ref(fused(x), want, rtol=1e-10)
+    plain.train(), fused.train()
+    a, b = plain(x), fused(x)
+    assert_close_ref(b, a, rtol=1e-10)
+    b.square().sum().backward(), a.square().sum().backward()
+    for (n, p), q in zip(fused.named_parameters(), plain.parameters()):
+        assert_close_ref(p.grad, q.grad, rtol=1e-8, name=f"grad {n}")
+    if edit in ("hook_last", "hook_act"):
+        assert len(seen) == 3 * len(blocks)  # two eval forwards, one train forward
 
 
 def test_timm_deep_stem_and_avg_downsample(timm):
