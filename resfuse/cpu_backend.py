@@ -252,9 +252,7 @@ class CpuBackend(Backend):
         and off the fast path). ``consume``: the caller gives ``residual`` up, and oneDNN may
         write the result into it (its in-place form: no new output buffer, see :func:`_onednn_run`)."""
         if not self._fast(x, w, bias, residual):
-            if isinstance(relu, PostOp):
-                return relu.fn(super().conv_bias_act(x, w, bias, geom, residual, False))
-            return super().conv_bias_act(x, w, bias, geom, residual, relu)
+            return _post(relu, super().conv_bias_act(x, w, bias, geom, residual, relu is True))
         x = _dense(x, w)
         key, names = self._inference_key(x, w, bias, geom, residual, relu)
         trial = cpu_conv.decided("inference", key, names) is None
@@ -310,7 +308,8 @@ class CpuBackend(Backend):
         """Winograd F(tile x tile, 3x3) with the transformed weight prepacked for oneDNN (the GEMMs:
         one P-group 1x1 convolution) and cached on ``w``."""
         chunk = cpu_conv.winograd_chunk(x, tile)
-        return _winograd_run(_winograd_packed(w, x, tile, chunk), bias, relu, chunk, tile, x, residual, False)
+        return _post(relu, cpu_conv.winograd_forward(x, _winograd_packed(w, x, tile, chunk), bias, residual,
+                                                     relu is True, chunk, tile))
 
     def _fast(self, x, w, bias, residual) -> bool:
         if onednn_status() is not None or torch.compiler.is_compiling():
@@ -384,11 +383,16 @@ def _onednn_run(pw, bias, pad, stride, dil, groups, relu, cl, x, residual, consu
 
 
 def _winograd_run(u, bias, relu, chunk, tile, x, residual, consume):
-    """One Winograd inference layer from its packed transformed weight ``u`` (``consume`` unused): bias,
-    residual and a ReLU in the output transform; a :class:`~resfuse.backends.PostOp`'s activation in
-    place after it (so the trial weighs that pass against oneDNN's fused post-op)."""
-    y = torch.ops.resfuse.winograd_conv(x.contiguous(memory_format=torch.channels_last), u, bias, residual,
-                                        relu is True, chunk, tile)
+    """One Winograd inference layer from its packed transformed weight ``u`` (``consume`` unused)."""
+    return _post(relu, torch.ops.resfuse.winograd_conv(x.contiguous(memory_format=torch.channels_last), u, bias,
+                                                       residual, relu is True, chunk, tile))
+
+
+def _post(relu, y: torch.Tensor) -> torch.Tensor:
+    """``y`` — a convolution's result with bias, residual and, for ``relu is True``, the ReLU applied —
+    with a :class:`~resfuse.backends.PostOp`'s activation applied too, in place: where the
+    convolution did not apply it (Winograd's output transform knows the ReLU only, the layer's trial
+    then weighs this pass against oneDNN's fused post-op; the portable path)."""
     return relu.fn(y) if isinstance(relu, PostOp) else y
 
 
