@@ -58,10 +58,8 @@ class FusedSequential(nn.Sequential):
         i = 0
         while i < len(mods):
             n = _run_length(mods, i)
-            if n == 3 and type(mods[i + 2]) is not nn.ReLU:
-                x = RF.conv_bn_act(x, mods[i], mods[i + 1], act=mods[i + 2])
-            elif n:
-                x = RF.conv_bn_act(x, mods[i], mods[i + 1], relu=n == 3)
+            if n:
+                x = RF.conv_bn_act(x, mods[i], mods[i + 1], relu=False, act=mods[i + 2] if n == 3 else None)
             else:
                 x, n = mods[i](x), 1
             i += n
@@ -81,8 +79,6 @@ class FusedConvNormAct(nn.Module):
         act, drop = bn.act, bn.drop
         if type(drop) is not nn.Identity:
             x = act(drop(RF.conv_bn_act(x, conv, bn, relu=False)))
-        elif type(act) in (nn.ReLU, nn.Identity):
-            x = RF.conv_bn_act(x, conv, bn, relu=type(act) is nn.ReLU)
         else:
             x = RF.conv_bn_act(x, conv, bn, act=act)
         return x if aa is None else aa(x)
@@ -103,12 +99,7 @@ class _FusedByobBlock(nn.Module):
                 or not _plain_unit(last) or any(RF.hooked(m) for m in (self.attn_last, self.drop_path, act))):
             h = self.drop_path(self.attn_last(last(h)))
             return act(h if sc is None else h + sc(x))
-        if _plain_unit(sc):
-            res = (x, sc.conv, sc.bn)
-        else:
-            res = sc(x)
-        if type(act) in (nn.ReLU, nn.Identity):
-            return RF.conv_bn_act(h, last.conv, last.bn, res, relu=type(act) is nn.ReLU)
+        res = (x, sc.conv, sc.bn) if _plain_unit(sc) else sc(x)
         return RF.conv_bn_act(h, last.conv, last.bn, res, act=act)
 
 

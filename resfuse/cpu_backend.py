@@ -7,8 +7,8 @@ Two paths for the inference form ``conv_bias_act`` (BN already folded into ``w``
 * **oneDNN fast path** — ``torch.ops.mkldnn._convolution_pointwise`` (conv + bias + an activation
   post-op: SiLU, LeakyReLU, ... given as a :class:`~resfuse.backends.PostOp`; the ReLU runs in place
   after it, see :func:`_onednn_run`) and its ``.binary`` overload (conv + bias, then a binary ``add``
-  of the residual): a whole inference layer, shortcut add included, in one oneDNN primitive. The folded weight is *prepacked*
-  once into oneDNN's blocked layout (``torch.ops.mkldnn._reorder_convolution_weight``, the op Inductor's
+  of the residual): a whole inference layer, shortcut add included, in one oneDNN primitive. The
+  folded weight is *prepacked* once into oneDNN's blocked layout (``torch.ops.mkldnn._reorder_convolution_weight``, the op Inductor's
   freezing pass uses) and cached on the folded weight tensor itself, per input shape, guarded by the
   weight's version counter. ``resfuse.functional.fold_bn`` already returns a new folded tensor whenever a
   conv weight, BN parameter or buffer changes (version counters, identity, dtype, device), so a changed
@@ -363,11 +363,10 @@ def _onednn_run(pw, bias, pad, stride, dil, groups, relu, cl, x, residual, consu
     # A PostOp's activation is the unary post-op of a convolution without residual (those functional.post_op
     # maps keep NaN and infinities as PyTorch does); after a residual add (the binary op takes no unary
     # post-op but ReLU) it runs in place, as the ReLU does.
-    post = relu if isinstance(relu, PostOp) else None
+    in_conv = residual is None and isinstance(relu, PostOp)  # the activation as the conv's post-op
     if residual is None:
-        attr, scalars, algorithm = (post.attr, list(post.scalars), post.algorithm) if post else ("none", [], "")
+        attr, scalars, algorithm = (relu.attr, list(relu.scalars), relu.algorithm) if in_conv else ("none", [], "")
         y = ops.conv(x, pw, bias, pad, stride, dil, groups, attr, scalars, algorithm)
-        post = None
     elif (consume and cl and residual.dtype == x.dtype and _is_channels_last(residual)
           and residual.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()):
         y = ops.binary_(residual, x, pw, bias, pad, stride, dil, groups, "add", 1.0, None, [], "")
@@ -375,8 +374,8 @@ def _onednn_run(pw, bias, pad, stride, dil, groups, relu, cl, x, residual, consu
         y = ops.binary(x, residual, pw, bias, pad, stride, dil, groups, "add", 1.0, None, [], "")
     if relu is True:
         y.relu_()
-    elif post is not None:
-        y = post.fn(y)
+    elif not in_conv:
+        y = _post(relu, y)
     if not cl and not y.is_contiguous():
         y = y.contiguous()  # NCHW in, NCHW out (the packed primitive computes in NHWC/blocked)
     return y

@@ -40,12 +40,17 @@ def conv_bn_act(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, residual: 
     """``act(bn(conv(x)) + residual)``; ``residual`` is None, a tensor of the output's shape, or a
     projection ``(x_s, conv_s, bn_s)`` meaning ``bn_s(conv_s(x_s))``. ``act`` is a ReLU (``relu=True``),
     none (``relu=False``) or, when given, the module ``act`` (``relu`` is then not used) — any module
-    of one tensor, e.g. the ``nn.SiLU`` or ``nn.LeakyReLU`` of timm's ``ConvNormAct`` units. The fused
-    unit then computes ``bn(conv(x)) + residual`` and calls ``act`` on it, except in inference on the
+    of one tensor, e.g. the ``nn.SiLU`` or ``nn.LeakyReLU`` of timm's ``ConvNormAct`` units; an
+    ``nn.ReLU`` / ``nn.Identity`` is the unit's own fused ReLU / none. For another module the fused
+    unit computes ``bn(conv(x)) + residual`` and calls ``act`` on it, except in inference on the
     ``cpu`` backend's oneDNN path, where an activation :func:`post_op` maps is the convolution's
     post-op (no pass of its own)."""
-    if act is not None and not isinstance(act, nn.Module):
-        raise TypeError(f"resfuse: act must be an nn.Module (e.g. nn.SiLU()), got {type(act).__name__}")
+    if act is not None:
+        if not isinstance(act, nn.Module):
+            raise TypeError(f"resfuse: act must be an nn.Module (e.g. nn.SiLU()), got {type(act).__name__}")
+        relu = type(act) is nn.ReLU
+        if relu or type(act) is nn.Identity:
+            act = None
     return _chain(x, ((conv, bn),), residual, relu and act is None, None, act=act)
 
 

@@ -235,6 +235,9 @@ def test_act_overrides_relu_and_must_be_a_module():
     with torch.no_grad():
         y = RF.conv_bn_act(x, conv.eval(), bn.eval(), relu=True, act=nn.Tanh())
     assert (y < 0).any()  # not a ReLU
+    with torch.no_grad():  # nn.ReLU / nn.Identity are the unit's own ReLU / none
+        assert torch.equal(RF.conv_bn_act(x, conv, bn, act=nn.ReLU()), RF.conv_bn_act(x, conv, bn, relu=True))
+        assert torch.equal(RF.conv_bn_act(x, conv, bn, act=nn.Identity()), RF.conv_bn_act(x, conv, bn, relu=False))
     with pytest.raises(TypeError, match="act must be an nn.Module"):
         RF.conv_bn_act(x, conv, bn, act=torch.tanh)
 
