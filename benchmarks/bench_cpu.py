@@ -739,3 +739,46 @@ def test_cpu_smoke(benchmark, _cpu_backend, provider, mode):
 
 if __name__ == "__main__":
     main()
+
+
+#: SE-ResNet-50 block outputs at batch 8, 112x112 images (the train-step shapes): channels, side
+SE_TAILS = [(256, 28), (512, 14), (1024, 7), (2048, 4)]
+
+
+def se_tail(channels, side, provider):
+    """``relu(z * s + r)`` with ``s = sigmoid(fc2(relu(fc1(mean_hw(z)))))`` (an SE module, reduction 16):
+    ``eager`` as timm runs it (``z * s``, ``+= r``, ``relu_``), ``resfuse`` as the fused timm blocks do
+    (:func:`resfuse.functional.channel_mean`, :func:`resfuse.functional.gate_act`); channels_last."""
+    torch.manual_seed(0)
+    fc1, fc2 = nn.Conv2d(channels, channels // 16, 1), nn.Conv2d(channels // 16, channels, 1)
+
+    def run(z, r):
+        if provider == "resfuse":
+            s = torch.sigmoid(fc2(torch.relu(fc1(resfuse.functional.channel_mean(z)))))
+            return resfuse.functional.gate_act(z, s, r)
+        y = z * torch.sigmoid(fc2(torch.relu(fc1(z.mean((2, 3), keepdim=True)))))
+        y += r
+        return torch.relu_(y)
+    return run
+
+
+@pytest.mark.parametrize("provider", ["eager", "resfuse"])
+@pytest.mark.parametrize("mode", ["eval", "train"])
+@pytest.mark.parametrize("channels,side", SE_TAILS, ids=[f"{c}x{s}" for c, s in SE_TAILS])
+def test_se_tail(benchmark, _cpu_backend, channels, side, mode, provider):
+    """The end of an SE block (gate multiply, shortcut add, ReLU; forward + backward in train)."""
+    benchmark.group = f"se-tail-{mode}-{channels}x{side}"
+    fn = se_tail(channels, side, provider)
+    z = torch.randn(TRAIN_BATCH, channels, side, side).contiguous(memory_format=CL)
+    r = torch.randn_like(z)
+    if mode == "train":
+        g = torch.randn_like(z)
+        zl, rl = z.requires_grad_(), r.requires_grad_()
+
+        def step(z, r):
+            zl.grad = rl.grad = None
+            fn(z, r).backward(g)
+        _bench(benchmark, step, (zl, rl), grad=True, provider=provider)
+    else:
+        _bench(benchmark, fn, (z, r), provider=provider)
+

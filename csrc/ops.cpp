@@ -60,6 +60,20 @@ TORCH_LIBRARY(resfuse, m) {
       "Tensor a, Tensor b, Tensor d, bool relu, bool accumulate) -> ()",
       {at::Tag::pt2_compliant_tag});
 
+  // out = act(input * gate[n, c] + residual), act = ReLU if relu else identity, NaN propagating: the
+  // per-image channel gate of a squeeze-and-excitation block, its shortcut add and ReLU in one pass.
+  // gate: [N, C] float32 (float64 for float64 input). Output in input's memory format.
+  m.def("gate_act(Tensor input, Tensor gate, Tensor? residual, bool relu) -> Tensor",
+        {at::Tag::pt2_compliant_tag});
+
+  // With dz = grad_out masked by the ReLU of output (relu) or grad_out: grad_input = dz * gate[n, c],
+  // grad_gate[n, c] = sum over H, W of dz * input ([N, C], gate's dtype), grad_residual = dz when
+  // residual_grad, else a [0]-shaped tensor. Activations in input's memory format.
+  m.def(
+      "gate_act_backward(Tensor grad_out, Tensor output, Tensor input, Tensor gate, bool relu, "
+      "bool residual_grad) -> (Tensor grad_input, Tensor grad_gate, Tensor grad_residual)",
+      {at::Tag::pt2_compliant_tag});
+
   // CPU only (csrc/cpu/bn_params.cpp): the per-channel arithmetic of one BN layer, one call each
   // instead of a few tensor ops from Python. Vectors are [C], float32 or float64 (all one dtype).
   // bn_normalize: invstd = 1 / sqrt(var + eps), scale = weight * invstd (invstd without weight),

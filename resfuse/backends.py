@@ -88,6 +88,11 @@ class Backend:
     #: None: the max-pool runs after the chain, as the module it is.
     bn_act_max_pool = None
     max_pool_act_backward = None
+    #: optional ``gate_act(x, gate, residual, relu) -> out`` and ``gate_act_backward(grad_out, out, x, gate,
+    #: relu, residual_grad) -> (grad_x, grad_gate, grad_residual)`` (``resfuse.ops.gate_act``): the end of a
+    #: squeeze-and-excitation block, ``act(x * gate[n, c] + residual)``, as one node. None: PyTorch ops.
+    gate_act = None
+    gate_act_backward = None
     #: whether :meth:`conv_bias_act` and :meth:`conv_bias_act_step` take a :class:`PostOp` as ``relu``
     #: (else ``resfuse.functional`` calls the activation module on their result)
     post_ops = False

@@ -211,11 +211,13 @@ class CpuBackend(Backend):
     post_ops = True  # SiLU, LeakyReLU, ... as oneDNN post-ops of inference convolutions (conv_bias_act)
 
     def __init__(self):
-        from .ops import bn_act
+        from .ops import bn_act, gate_act
         self.prims = bn_act
         self.bn_act_backward_apply_ = bn_act.bn_act_backward_apply_
         self.bn_act_max_pool = bn_act.bn_act_max_pool
         self.max_pool_act_backward = bn_act.max_pool_act_backward
+        self.gate_act = gate_act.gate_act
+        self.gate_act_backward = gate_act.gate_act_backward
 
     def available(self) -> Optional[str]:
         if not _extension.LOADED:

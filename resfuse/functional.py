@@ -32,6 +32,7 @@ from . import backends
 from .backends import PostOp
 from .ops import bn_act as prim
 from .ops.chain import ChainSpec, ConvBNChainFunction, LayerSpec, as_dtype
+from .ops.gate_act import ChannelMeanFunction, GateActFunction, gate_matrix
 
 Shortcut = Union[None, torch.Tensor, Tuple[torch.Tensor, nn.Conv2d, nn.BatchNorm2d]]
 
@@ -132,6 +133,42 @@ def _pool_geom(pool: nn.Module):
     if d != (1, 1) or k[0] * k[1] > 255:
         return None
     return k, s, p
+
+
+def channel_mean(x: torch.Tensor) -> torch.Tensor:
+    """``x.mean((2, 3), keepdim=True)``, ``[N, C, 1, 1]`` (the squeeze of a squeeze-and-excitation
+    block): the same values, but its gradient reaches ``x`` as a broadcast view that autograd adds into
+    ``x``'s other gradient in place, where ATen's mean writes a full tensor first
+    (``resfuse.ops.gate_act.ChannelMeanFunction``)."""
+    if not torch.is_grad_enabled() or not x.requires_grad or x.dim() != 4:
+        return x.mean((2, 3), keepdim=True)
+    return ChannelMeanFunction.apply(x)
+
+
+def gate_act(x: torch.Tensor, gate: torch.Tensor, residual: Optional[torch.Tensor] = None,
+             relu: bool = True) -> torch.Tensor:
+    """``act(x * gate + residual)``: the end of a squeeze-and-excitation block. ``x`` ``[N, C, H, W]``
+    (NCHW or channels_last, float32/float64/bfloat16/float16), ``gate`` ``[N, C, 1, 1]`` (one value per
+    image and channel, any float dtype), ``residual`` None or like ``x`` (cast to ``x``'s dtype, as
+    ``x += residual`` does); ``act`` a ReLU when ``relu``. On a backend with a fused ``gate_act`` (``cpu``)
+    one pass forward and one backward, one autograd node; elsewhere (or for another ``gate`` shape)
+    PyTorch ops in timm's order: ``y = x * gate; y += residual; relu_(y)``. Returns a tensor like ``x``
+    in its memory format."""
+    be = backends.select("gate_act", x)
+    fused = (be.gate_act is not None and x.dim() == 4 and tuple(gate.shape) == (*x.shape[:2], 1, 1)
+             and gate.dtype.is_floating_point and (residual is None or residual.shape == x.shape))
+    if not fused:
+        backends.note_used("gate_act", "reference")
+        y = x * gate
+        if residual is not None:
+            y += residual
+        return torch.relu_(y) if relu else y
+    if residual is not None and residual.dtype != x.dtype:
+        residual = residual.to(x.dtype)
+    if torch.is_grad_enabled() and (x.requires_grad or gate.requires_grad
+                                    or (residual is not None and residual.requires_grad)):
+        return GateActFunction.apply(be.name, x, gate, residual, bool(relu))
+    return be.gate_act(x, gate_matrix(gate, x), residual, bool(relu))  # inference: no autograd node
 
 
 def hooked(m: nn.Module) -> bool:

@@ -82,7 +82,7 @@ def test_fuse_compat_script(tmp_path, tv, timm):
     assert rc == 0 and doc["summary"] == {"ok": 2, "failed": 0, "errors": 0}, script.table(doc["results"])
     assert doc["stamp"]["git_commit"] == "abc" and {"date", "device", "torch"} <= set(doc["stamp"])
     for r in doc["results"]:
-        assert r["blocks_fused"] == 8 and r["backends_used"] == {"conv_bn_chain": "cpu"}
+        assert r["blocks_fused"] == 8 and r["backends_used"]["conv_bn_chain"] == "cpu"
         assert set(r["checks"]) == {"eval_fp32", "eval_autocast", "train_fp32"}
         assert r["max_rel_error"]["fused_fp32"] < 1e-3
 

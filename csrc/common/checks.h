@@ -95,6 +95,34 @@ inline void check_bn_act_args(const at::Tensor& input, const at::Tensor& scale,
   }
 }
 
+// A per-image channel gate for the activation `input`: shape [N, C], dtype param_dtype(input), same device.
+inline void check_gate(const char* op, const at::Tensor& gate, const at::Tensor& input) {
+  TORCH_CHECK(gate.dim() == 2 && gate.size(0) == input.size(0) && gate.size(1) == input.size(1), op,
+              ": gate must have shape [N, C] = [", input.size(0), ", ", input.size(1), "], got ", gate.sizes());
+  const auto want = param_dtype(input.scalar_type());
+  TORCH_CHECK(gate.scalar_type() == want, op, ": gate must be ", want, " for ", input.scalar_type(),
+              " input, got ", gate.scalar_type());
+  check_same_device(op, "gate", gate, "input", input);
+}
+
+inline void check_gate_act_args(const at::Tensor& input, const at::Tensor& gate,
+                                const std::optional<at::Tensor>& residual) {
+  constexpr const char* op = "resfuse::gate_act";
+  check_activation(op, "input", input);
+  check_gate(op, gate, input);
+  if (residual) check_like(op, "residual", *residual, "input", input);
+}
+
+// `output` is read only when relu is true (for the ReLU mask); it is not checked otherwise.
+inline void check_gate_act_backward_args(const at::Tensor& grad_out, const at::Tensor& output,
+                                         const at::Tensor& input, const at::Tensor& gate, bool relu) {
+  constexpr const char* op = "resfuse::gate_act_backward";
+  check_activation(op, "input", input);
+  check_like(op, "grad_out", grad_out, "input", input);
+  if (relu) check_like(op, "output", output, "input", input);
+  check_gate(op, gate, input);
+}
+
 // `output` is read only when relu is true (for the ReLU mask); it is not checked otherwise.
 inline void check_bn_act_backward_reduce_args(const at::Tensor& grad_out, const at::Tensor& output,
                                               const at::Tensor& input, const at::Tensor& mean,

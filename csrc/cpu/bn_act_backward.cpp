@@ -32,15 +32,6 @@ namespace {
 // NCHW reduce: values per lane-sum flush.
 constexpr int64_t kFlush = 2048;
 
-template <bool kRelu, typename Vec>
-C10_ALWAYS_INLINE Vec relu_grad(const Vec& grad, const Vec& output) {
-  if constexpr (kRelu) {
-    return Vec::blendv(grad, Vec(0), output <= Vec(0));
-  } else {
-    return grad;
-  }
-}
-
 // ---------------------------------------------------------------- reduce
 
 template <typename scalar_t>

@@ -40,6 +40,18 @@ void value_switch(T value, F&& f) {
   TORCH_INTERNAL_ASSERT(found, "value_switch: unexpected value");
 }
 
+// dz of a ReLU output: grad where output > 0, else 0 (the select of ATen's threshold_backward, so a
+// non-finite grad under a zero output is dropped as in eager, and a NaN output passes grad); grad
+// itself without the ReLU.
+template <bool kRelu, typename Vec>
+C10_ALWAYS_INLINE Vec relu_grad(const Vec& grad, const Vec& output) {
+  if constexpr (kRelu) {
+    return Vec::blendv(grad, Vec(0), output <= Vec(0));
+  } else {
+    return grad;
+  }
+}
+
 // Activations of dtype scalar_t are read and written as vectors of their accumulation type acc_t
 // (float for float32, bfloat16 and float16; double for float64). One step covers kStep elements,
 // i.e. one Vectorized<scalar_t>, which is kParts vectors of acc_t (2 for bfloat16/float16, else 1).

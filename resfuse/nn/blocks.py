@@ -55,8 +55,10 @@ _CALLED = ("aa", "se", "drop_path")
 def _split_forward(block, x: torch.Tensor, layers, aa_after: int) -> Optional[torch.Tensor]:
     """The block's output where some of :data:`_CALLED` compute something, else None (the caller's
     one-chain forward): the conv-BN layers run as fused chains around those modules — up to ``aa``,
-    after it, and, with ``se`` / ``drop_path``, the rest without its final ReLU; those modules, the
-    shortcut add and the ReLU then run as the original forward runs them."""
+    after it, and, with ``se`` / ``drop_path``, the rest without its final ReLU. A timm SE / ECA ``se``
+    without stochastic depth then ends the block as one :func:`resfuse.functional.gate_act` (its gate
+    computed by the module's own layers: :func:`channel_gate`); otherwise those modules, the shortcut
+    add and the ReLU run as the original forward runs them."""
     aa, se, dp = (None if type(m) in _INERT else m for m in map(block._modules.get, _CALLED))
     if aa is None and se is None and dp is None:
         return None
@@ -68,11 +70,52 @@ def _split_forward(block, x: torch.Tensor, layers, aa_after: int) -> Optional[to
     if not tail:
         return RF.conv_bn_chain(h, rest, shortcut, True)
     z = RF.conv_bn_chain(h, rest, None, False)
-    for m in tail:
-        z = m(z)
+    gate = channel_gate(se, z) if dp is None else None
+    if gate is None:
+        for m in tail:
+            z = m(z)
     if isinstance(shortcut, tuple):  # a projection (x_s, conv_s, bn_s)
         shortcut = RF.conv_bn_act(*shortcut, relu=False)
+    if gate is not None:  # se(z) = z * gate: its multiply, the add and the ReLU in one pass
+        return RF.gate_act(z, gate, shortcut, True)
     return torch.relu_(z + shortcut)  # (in place on the fresh sum, as timm's act(inplace=True))
+
+
+def _se_gate(m, zm):
+    return m.gate(m.fc2(m.act(m.bn(m.fc1(zm)))))
+
+
+def _ese_gate(m, zm):
+    return m.gate(m.fc(zm))
+
+
+def _eca_gate(m, zm):
+    y = m.conv(zm.view(zm.shape[0], 1, -1))
+    if m.conv2 is not None:
+        y = m.conv2(m.act(y))
+    return m.gate(y).view(zm.shape[0], -1, 1, 1)
+
+
+#: timm's channel-attention modules whose forward is ``x * gate(f(x.mean((2, 3))))``, by class (exact
+#: class: a subclass may override forward): the gate's computation from the mean, through the module's
+#: own layers (``add_maxpool`` modules are not among them: see :func:`channel_gate`)
+_GATES = {
+    "timm.layers.squeeze_excite.SEModule": (_se_gate, ("fc1", "bn", "act", "fc2", "gate")),
+    "timm.layers.squeeze_excite.EffectiveSEModule": (_ese_gate, ("fc", "gate")),
+    "timm.layers.eca.EcaModule": (_eca_gate, ("conv", "act", "conv2", "gate")),
+}
+
+
+def channel_gate(module: Optional[nn.Module], z: torch.Tensor) -> Optional[torch.Tensor]:
+    """``[N, C, 1, 1]`` gate ``s`` with ``module(z) == z * s``, computed by the module's own layers from
+    ``RF.channel_mean(z)``, for a timm SE / effective-SE / ECA module (:data:`_GATES`) without hooks of
+    its own and without ``add_maxpool``; None for any other module (the caller then calls it)."""
+    cls = type(module)
+    entry = _GATES.get(f"{cls.__module__}.{cls.__qualname__}")
+    if (entry is None or RF.hooked(module) or getattr(module, "add_maxpool", False)
+            or not all(hasattr(module, a) for a in entry[1])):
+        return None
+    return entry[0](module, RF.channel_mean(z))
 
 
 class BasicBlock(_FromModule, ref_resnet.BasicBlock):
@@ -82,7 +125,8 @@ class BasicBlock(_FromModule, ref_resnet.BasicBlock):
     written into (what it returns, e.g. a view, is not known to be free).
 
     From a timm ``BasicBlock`` with an ``aa`` after the first ReLU, or ``se`` / ``drop_path`` after
-    ``bn2``: those run as modules between fused chains (:func:`_split_forward`)."""
+    ``bn2``: those run between fused chains, an SE / ECA gate fused with the add and the ReLU
+    (:func:`_split_forward`)."""
 
     def forward(self, x: torch.Tensor, consume: bool = False) -> torch.Tensor:
         layers = ((self.conv1, self.bn1), (self.conv2, self.bn2))
@@ -96,8 +140,8 @@ class BasicBlock(_FromModule, ref_resnet.BasicBlock):
 class Bottleneck(_FromModule, ref_resnet.Bottleneck):
     """Fused 1×1 → 3×3 → 1×1 bottleneck (v1.5: stride on the 3×3); see ``resfuse.reference.Bottleneck``.
     ``consume`` as for :class:`BasicBlock`. From a timm ``Bottleneck`` with an ``aa`` after the second
-    ReLU, or ``se`` / ``drop_path`` after ``bn3`` (SE-/ECA-ResNets, stochastic depth): those run as
-    modules between fused chains (:func:`_split_forward`)."""
+    ReLU, or ``se`` / ``drop_path`` after ``bn3`` (SE-/ECA-ResNets, stochastic depth): those run
+    between fused chains, an SE / ECA gate fused with the add and the ReLU (:func:`_split_forward`)."""
 
     def forward(self, x: torch.Tensor, consume: bool = False) -> torch.Tensor:
         layers = ((self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3))

@@ -147,3 +147,23 @@ def max_pool_act_backward(grad_output: Tensor, argmax: Tensor, input: Tensor, ke
     grad = torch.zeros(n, c, h * w, dtype=torch.float64, device=input.device)
     grad.scatter_add_(2, flat.reshape(n, c, -1), g.reshape(n, c, -1))
     return _like(grad.view(n, c, h, w), input)
+
+
+def gate_act(input: Tensor, gate: Tensor, residual: Tensor | None = None, relu: bool = True) -> Tensor:
+    """``act(input * gate[n, c] + residual)`` for a ``[N, C]`` gate."""
+    y = input.to(torch.float64) * gate.to(torch.float64)[:, :, None, None]
+    if residual is not None:
+        y = y + residual.to(torch.float64)
+    if relu:
+        y = torch.relu(y)  # NaN stays NaN
+    return _like(y, input)
+
+
+def gate_act_backward(grad_out: Tensor, output: Tensor, input: Tensor, gate: Tensor, relu: bool = True,
+                      residual_grad: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """``(dz * gate[n, c], sum over H, W of dz * input, dz | [0])``."""
+    dz = _relu_grad(grad_out, output, relu)
+    grad_input = _like(dz * gate.to(torch.float64)[:, :, None, None], input)
+    grad_gate = (dz * input.to(torch.float64)).sum((2, 3)).to(gate.dtype)
+    grad_residual = _like(dz, input) if residual_grad else input.new_empty((0,))
+    return grad_input, grad_gate, grad_residual
