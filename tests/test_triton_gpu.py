@@ -115,6 +115,30 @@ def test_resnet50_bn_primitives(stage, dtype, cl):
     assert tolerance(dtype) > 0
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("stage", [(256, 56), (512, 28), (1024, 14), (2048, 7)], ids=lambda s: f"c{s[0]}h{s[1]}")
+@pytest.mark.parametrize("cl", [True, False], ids=["nhwc", "nchw"])
+def test_se_resnet50_gate_act(stage, dtype, cl):
+    """The end of an SE-ResNet-50 block (gate multiply + shortcut add + ReLU) and its backward at the
+    block outputs of each stage, batch 32."""
+    from resfuse.reference import primitives as P
+    from resfuse.triton import gate_act
+    c, h = stage
+    shape = (BATCH, c, h, h)
+    x = rand_activation(shape, dtype, channels_last=cl, device="cuda")
+    go = rand_activation(shape, dtype, channels_last=cl, device="cuda")
+    r = rand_activation(shape, dtype, channels_last=cl, device="cuda")
+    gate = torch.rand(BATCH, c, device="cuda")
+    with poison():
+        out = gate_act.gate_act(x, gate, r, True)
+        assert_close_ref(out, P.gate_act(x, gate, r, True), dtype)
+        got = gate_act.gate_act_backward(go, out, x, gate, True, True)
+        want = P.gate_act_backward(go, out, x, gate, True, True)
+        assert_close_ref(got[0], want[0], dtype, name="grad_input")
+        assert_close_ref(got[1], want[1], torch.float32, rtol=1e-4, name="grad_gate")
+        assert_close_ref(got[2], want[2], dtype, name="grad_residual")
+
+
 def test_deterministic_on_gpu():
     from resfuse.triton import conv
     x = rand_activation((BATCH, 256, 14, 14), torch.bfloat16, channels_last=True, device="cuda")

@@ -6,7 +6,9 @@ What it fuses (everything else is the base class's composition):
   tensor is never written) and the per-channel statistics in its epilogue (optionally after adding a
   residual / RiR partial identity) — one conv launch + one tiny merge launch;
 * ``conv_bias_act``: inference form ``act(conv(x, w) + bias + residual)`` in one launch;
-* ``conv``; the four primitives as Triton kernels.
+* ``conv``; the four primitives as Triton kernels;
+* ``gate_act`` / ``gate_act_backward``: the end of a squeeze-and-excitation block (gate multiply, shortcut
+  add, ReLU) in one pass each way.
 
 ``conv_backward`` stays on ATen (cuDNN): no Triton dgrad/wgrad has been measured against it (see
 benchmarks/NOTES.md). Grouped convolutions fall back to the base class (ATen conv + Triton primitives).
@@ -122,3 +124,10 @@ class TritonBackend(Backend):
                               res_d=None, relu=True, residual_grad=False):
         return self._ops.triton_bn_act_backward_apply(grad_out, out, x, a, b, d, residual, res_a, res_b, res_d,
                                                       bool(relu), bool(residual_grad))
+
+    # -- the end of a squeeze-and-excitation block -------------------------------------------------
+    def gate_act(self, x, gate, residual=None, relu=True):
+        return self._ops.triton_gate_act(x, gate, residual, bool(relu))
+
+    def gate_act_backward(self, grad_out, out, x, gate, relu=True, residual_grad=False):
+        return self._ops.triton_gate_act_backward(grad_out, out, x, gate, bool(relu), bool(residual_grad))

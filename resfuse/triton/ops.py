@@ -6,7 +6,8 @@ with compiled kernels and under ``TRITON_INTERPRET=1`` (where kernels are not ``
 and ``triton_op`` cannot trace them), and on torch 2.11 as well as 2.13.
 
 Ops (namespace ``resfuse``): ``triton_conv``, ``triton_bn_stats``, ``triton_bn_act``,
-``triton_bn_act_backward_reduce``, ``triton_bn_act_backward_apply``.
+``triton_bn_act_backward_reduce``, ``triton_bn_act_backward_apply``, ``triton_gate_act``,
+``triton_gate_act_backward``.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from torch import Tensor
 
 from . import bn_act as _bn
 from . import conv as _conv
+from . import gate_act as _gate
 
 _LIB = "resfuse"
 
@@ -106,3 +108,26 @@ def _(grad_out, output, x, a, b, d, residual, res_a, res_b, res_d, relu, residua
     if not residual_grad:
         return gx, x.new_empty((0,))
     return gx, _like_format(x.shape, x)
+
+
+# ---- the end of a squeeze-and-excitation block -----------------------------------------------------
+@torch.library.custom_op(f"{_LIB}::triton_gate_act", mutates_args=())
+def triton_gate_act(x: Tensor, gate: Tensor, residual: Optional[Tensor], relu: bool) -> Tensor:
+    return _gate.gate_act(x, gate, residual, relu)
+
+
+@triton_gate_act.register_fake
+def _(x, gate, residual, relu):
+    return _like_format(x.shape, x)
+
+
+@torch.library.custom_op(f"{_LIB}::triton_gate_act_backward", mutates_args=())
+def triton_gate_act_backward(grad_out: Tensor, output: Tensor, x: Tensor, gate: Tensor, relu: bool,
+                             residual_grad: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    return _gate.gate_act_backward(grad_out, output, x, gate, relu, residual_grad)
+
+
+@triton_gate_act_backward.register_fake
+def _(grad_out, output, x, gate, relu, residual_grad):
+    gr = _like_format(x.shape, x) if residual_grad else x.new_empty((0,))
+    return _like_format(x.shape, x), x.new_empty(tuple(gate.shape), dtype=torch.float32), gr

@@ -233,8 +233,25 @@ BN_BWD_APPLY = KernelSpec(
                              "RB": "fp32", "RD": "fp32", "GX": TRITON_TYPE[d], "GR": TRITON_TYPE[d]},
     div16=lambda v: ("C",), doc="grad_input = a*dz + b*x + d; grad_residual = dz | ra*dz + rb*r + rd")
 
+# the end of a squeeze-and-excitation block (gate_kernels.py): reduction tiles per layout as above
+GATE_ACT = KernelSpec(
+    name="gate_act", module="resfuse.triton.gate_kernels", attr="gate_act_kernel", hot=True,
+    dtypes=ELEMENTWISE_DTYPES, variants=_layouts([{"HAS_RES": r} for r in (0, 1)]),
+    configs={a: list(_EW_CONFIGS) for a in ARCHS},
+    pointer_types=lambda d: {"X": TRITON_TYPE[d], "GATE": "fp32", "R": TRITON_TYPE[d], "Y": TRITON_TYPE[d]},
+    floats=("lo",), div16=lambda v: ("C",), doc="act(x*gate[n,c] [+ r])")
+
+GATE_BWD = KernelSpec(
+    name="gate_act_bwd", module="resfuse.triton.gate_kernels", attr="gate_bwd_kernel", hot=True,
+    dtypes=ELEMENTWISE_DTYPES,
+    variants=_layouts([{"RELU": a, "RES_GRAD": g} for a in (0, 1) for g in (0, 1)]),
+    configs={a: list(_RED_CONFIGS) for a in ARCHS},
+    pointer_types=lambda d: {"GO": TRITON_TYPE[d], "OUT": TRITON_TYPE[d], "X": TRITON_TYPE[d], "GATE": "fp32",
+                             "GX": TRITON_TYPE[d], "GR": TRITON_TYPE[d], "PART": "fp32"},
+    div16=lambda v: ("C",), doc="gx = dz*gate[n,c]; gr = dz; per-program partial sums of dz*x per (n, c)")
+
 KERNELS: dict[str, KernelSpec] = {k.name: k for k in (CONV, STATS_MERGE, BN_STATS, BN_ACT, BN_BWD_REDUCE,
-                                                       BN_BWD_APPLY)}
+                                                       BN_BWD_APPLY, GATE_ACT, GATE_BWD)}
 
 
 # --------------------------------------------------------------------------------------------------
