@@ -6,7 +6,7 @@ import torch
 
 from resfuse.reference import primitives as P
 from resfuse.testing import assert_close_ref, rand_activation
-from resfuse.triton._testing import DTYPES, poison
+from resfuse.triton._testing import DTYPES, poison, same_format
 
 pytestmark = pytest.mark.triton
 
@@ -27,10 +27,6 @@ def _x(shape, dtype, cl, scale=1.0, offset=0.0):
 def _v(c, lo=-1.0, hi=1.0):
     return (torch.rand(c, dtype=torch.float64) * (hi - lo) + lo).float().to(DEV)
 
-
-def _fmt_ok(out, like):
-    cl = (not like.is_contiguous()) and like.is_contiguous(memory_format=torch.channels_last)
-    return out.is_contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
@@ -76,7 +72,7 @@ def test_bn_act(shape, dtype, cl, res):
         with poison():
             y = _bn().bn_act(x, scale, shift, r, rs, relu)
         ref = P.bn_act(x, scale, shift, r, rs, relu)
-        assert y.dtype == dtype and _fmt_ok(y, x)
+        assert y.dtype == dtype and same_format(y, x)
         assert_close_ref(y, ref.double(), dtype)
 
 
@@ -123,11 +119,11 @@ def test_bn_backward_apply(shape, dtype, cl, mode):
         with poison():
             gx, gr = _bn().bn_act_backward_apply(go, out, x, a, b, d, r, ra, rb, rd, relu, mode != "none")
         ex, er = P.bn_act_backward_apply(go, out, x, a, b, d, r, ra, rb, rd, relu, mode != "none")
-        assert gx.dtype == dtype and _fmt_ok(gx, x)
+        assert gx.dtype == dtype and same_format(gx, x)
         assert_close_ref(gx, ex.double(), dtype, name="grad_input")
         assert gr.shape == er.shape and gr.dtype == er.dtype
         if er.numel():
-            assert _fmt_ok(gr, x)
+            assert same_format(gr, x)
             assert_close_ref(gr, er.double(), dtype, name="grad_residual")
 
 

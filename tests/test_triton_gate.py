@@ -10,7 +10,7 @@ import resfuse
 from resfuse import functional as RF
 from resfuse.reference import primitives as P
 from resfuse.testing import assert_close_ref, rand_activation
-from resfuse.triton._testing import DTYPES, poison
+from resfuse.triton._testing import DTYPES, poison, same_format
 
 pytestmark = pytest.mark.triton
 
@@ -31,10 +31,6 @@ def _operands(shape, dtype, cl):
     return x, gate, r
 
 
-def _fmt_ok(out, like):
-    cl = (not like.is_contiguous()) and like.is_contiguous(memory_format=torch.channels_last)
-    return out.is_contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
-
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -46,7 +42,7 @@ def test_gate_act_forward_and_backward(shape, dtype, cl, res):
     for relu in (True, False):
         with poison():
             y = _gate_ops().gate_act(x, gate, r, relu)
-        assert y.dtype == dtype and _fmt_ok(y, x)
+        assert y.dtype == dtype and same_format(y, x)
         assert_close_ref(y, P.gate_act(x, gate, r, relu), dtype)
         g = rand_activation(shape, dtype, channels_last=cl, device=DEV)
         for rg in (True, False):
@@ -54,7 +50,7 @@ def test_gate_act_forward_and_backward(shape, dtype, cl, res):
                 got = _gate_ops().gate_act_backward(g, y, x, gate, relu, rg)
             want = P.gate_act_backward(g, y, x, gate, relu, rg)
             assert_close_ref(got[0], want[0], dtype, name="grad_input")
-            assert _fmt_ok(got[0], x) and got[1].shape == gate.shape and got[1].dtype == torch.float32
+            assert same_format(got[0], x) and got[1].shape == gate.shape and got[1].dtype == torch.float32
             assert_close_ref(got[1], want[1], torch.float32, rtol=1e-2 if dtype != torch.float32 else 1e-5,
                              name="grad_gate")
             if rg:

@@ -122,15 +122,9 @@ at::Tensor bn_act_cpu(const at::Tensor& input_, const at::Tensor& scale, const a
       value_switch<Residual::kNone, Residual::kAdd, Residual::kScaled>(mode, [&](auto mode_c) {
         constexpr bool kRelu = decltype(relu_c)::value;
         constexpr Residual kRes = decltype(mode_c)::value;
-        if (layout == Layout::NHWC) {
-          at::parallel_for(0, p.N * p.HW, grain_for(p.C), [&](int64_t row0, int64_t row1) {
-            bn_act_rows<scalar_t, kRelu, kRes>(p, row0, row1);
-          });
-        } else {
-          at::parallel_for(0, p.N * p.C, grain_for(p.HW), [&](int64_t plane0, int64_t plane1) {
-            bn_act_planes<scalar_t, kRelu, kRes>(p, plane0, plane1);
-          });
-        }
+        parallel_over_layout(
+            layout, p.N, p.C, p.HW, [&](int64_t r0, int64_t r1) { bn_act_rows<scalar_t, kRelu, kRes>(p, r0, r1); },
+            [&](int64_t p0, int64_t p1) { bn_act_planes<scalar_t, kRelu, kRes>(p, p0, p1); });
       });
     });
   });

@@ -29,9 +29,6 @@
 namespace resfuse::cpu {
 namespace {
 
-// NCHW reduce: values per lane-sum flush.
-constexpr int64_t kFlush = 2048;
-
 // ---------------------------------------------------------------- reduce
 
 template <typename scalar_t>
@@ -349,15 +346,9 @@ void apply_rows(const ApplyParams<scalar_t> p, int64_t row0, int64_t row1) {
 // The apply pass over all elements, parallel over NHWC rows or NCHW planes.
 template <typename scalar_t, bool kRelu, ResidualGrad kRg, bool kInput, bool kAcc>
 void launch_apply(const ApplyParams<scalar_t>& p, Layout layout) {
-  if (layout == Layout::NHWC) {
-    at::parallel_for(0, p.N * p.HW, grain_for(p.C), [&](int64_t row0, int64_t row1) {
-      apply_rows<scalar_t, kRelu, kRg, kInput, kAcc>(p, row0, row1);
-    });
-  } else {
-    at::parallel_for(0, p.N * p.C, grain_for(p.HW), [&](int64_t plane0, int64_t plane1) {
-      apply_planes<scalar_t, kRelu, kRg, kInput, kAcc>(p, plane0, plane1);
-    });
-  }
+  parallel_over_layout(
+      layout, p.N, p.C, p.HW, [&](int64_t r0, int64_t r1) { apply_rows<scalar_t, kRelu, kRg, kInput, kAcc>(p, r0, r1); },
+      [&](int64_t p0, int64_t p1) { apply_planes<scalar_t, kRelu, kRg, kInput, kAcc>(p, p0, p1); });
 }
 
 std::tuple<at::Tensor, at::Tensor> bn_act_backward_apply_cpu(

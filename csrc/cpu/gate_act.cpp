@@ -29,9 +29,6 @@
 namespace resfuse::cpu {
 namespace {
 
-// NCHW grad_gate: values per lane-sum flush.
-constexpr int64_t kFlush = 2048;
-
 template <typename scalar_t>
 struct GateParams {
   using acc_t = at::opmath_type<scalar_t>;
@@ -106,15 +103,9 @@ at::Tensor gate_act_cpu(const at::Tensor& input_, const at::Tensor& gate, const 
     value_switch<false, true>(relu, [&](auto relu_c) {
       value_switch<false, true>(residual.defined(), [&](auto res_c) {
         constexpr bool kRelu = decltype(relu_c)::value, kRes = decltype(res_c)::value;
-        if (layout == Layout::NHWC) {
-          at::parallel_for(0, p.N * p.HW, grain_for(p.C), [&](int64_t row0, int64_t row1) {
-            gate_rows<scalar_t, kRelu, kRes>(p, row0, row1);
-          });
-        } else {
-          at::parallel_for(0, p.N * p.C, grain_for(p.HW), [&](int64_t plane0, int64_t plane1) {
-            gate_planes<scalar_t, kRelu, kRes>(p, plane0, plane1);
-          });
-        }
+        parallel_over_layout(
+            layout, p.N, p.C, p.HW, [&](int64_t r0, int64_t r1) { gate_rows<scalar_t, kRelu, kRes>(p, r0, r1); },
+            [&](int64_t p0, int64_t p1) { gate_planes<scalar_t, kRelu, kRes>(p, p0, p1); });
       });
     });
   });

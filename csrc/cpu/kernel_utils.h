@@ -10,6 +10,7 @@
 //   and pass its vectors through memory.
 
 #include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <c10/macros/Macros.h>
@@ -18,6 +19,8 @@
 #include <algorithm>
 #include <array>
 #include <type_traits>
+
+#include "../common/layout.h"
 
 namespace resfuse::cpu {
 
@@ -29,6 +32,20 @@ constexpr int64_t kGrainElems = 32768;
 // at::parallel_for grain for items (planes, rows, channels) of `elems` elements each.
 inline int64_t grain_for(int64_t elems) {
   return std::max<int64_t>(1, kGrainElems / std::max<int64_t>(elems, 1));
+}
+
+// NCHW reductions: values a lane sum in acc_t adds before it is flushed into a double total.
+constexpr int64_t kFlush = 2048;
+
+// An elementwise pass over [N, C, HW] activations in parallel: NHWC as rows(row0, row1) over the N*HW
+// rows of C values, NCHW as planes(plane0, plane1) over the N*C planes of HW values.
+template <typename Rows, typename Planes>
+void parallel_over_layout(Layout layout, int64_t N, int64_t C, int64_t HW, const Rows& rows, const Planes& planes) {
+  if (layout == Layout::NHWC) {
+    at::parallel_for(0, N * HW, grain_for(C), rows);
+  } else {
+    at::parallel_for(0, N * C, grain_for(HW), planes);
+  }
 }
 
 // Calls f(std::integral_constant<T, v>{}) for the v among Values... that equals `value`, so that a

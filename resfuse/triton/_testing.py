@@ -23,6 +23,12 @@ def poison():
         _common.POISON = prev
 
 
+def same_format(out: torch.Tensor, like: torch.Tensor) -> bool:
+    """Whether ``out`` is dense in the memory format the launchers give ``like``'s outputs."""
+    cl = (not like.is_contiguous()) and like.is_contiguous(memory_format=torch.channels_last)
+    return out.is_contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+
+
 @contextlib.contextmanager
 def tf32(enabled: bool):
     prev = torch.backends.cudnn.allow_tf32
