@@ -54,6 +54,7 @@ MODELS = {
     "tv_wide_resnet50_2": ("torchvision", lambda tv: tv.models.wide_resnet50_2()),
     "timm_resnet18": ("timm", lambda timm: timm.create_model("resnet18")),
     "timm_resnet50": ("timm", lambda timm: timm.create_model("resnet50")),
+    "timm_seresnet50": ("timm", lambda timm: timm.create_model("seresnet50")),  # the SE block end: gate_act
 }
 FLOOR = {"fp32": 1e-4, "autocast": 1e-2}
 

@@ -318,7 +318,20 @@ def _match_pattern(m: nn.Module, p: Pattern, known: type) -> _Verdict:
     why = _check_pairs([(f"{c}/{b}", conv, bn) for (c, conv), (b, bn) in zip(convs, bns)] + projection)
     if why:
         return left(why)
-    return _Verdict("fusable", p.fused, absorbed=frozenset(absorbed))
+    return _Verdict("fusable", p.fused, absorbed=frozenset(absorbed), note=_se_note(m))
+
+
+def _se_note(m: nn.Module) -> str:
+    """How a timm block's ``se`` runs in the fused block (``resfuse.nn.blocks._split_forward``)."""
+    se, dp = m._modules.get("se"), m._modules.get("drop_path")
+    if se is None or type(se) is nn.Identity:
+        return ""
+    what = f"se ({type(se).__name__})"
+    if fnn.blocks.gate_fn(se) is None:
+        return f"{what} runs as a module"
+    if dp is not None and type(dp) is not nn.Identity:
+        return f"{what} runs as a module: drop_path ({type(dp).__name__}) follows it"
+    return f"{what}: its gate, the shortcut add and the ReLU run as one op (gate_act)"
 
 
 def _match_sequential(m: nn.Module) -> _Verdict:

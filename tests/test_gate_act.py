@@ -315,6 +315,17 @@ def test_timm_gate_left_to_the_module(timm, monkeypatch):
     assert len(calls) == 1  # the first block only (its drop-path rate is 0)
 
 
+def test_explain_says_how_se_runs(timm):
+    from timm.models.resnet import BasicBlock, ResNet
+
+    model = ResNet(BasicBlock, [1, 1, 1, 1], num_classes=5, drop_path_rate=0.2, block_args={"attn_layer": "se"})
+    model.layer3[0].se.register_forward_hook(lambda m, i, o: None)
+    lines = {line.split()[0]: line for line in resfuse.explain(resfuse.fuse(model)).splitlines()[1:]}
+    assert lines["layer1.0"].endswith("se (SEModule): its gate, the shortcut add and the ReLU run as one op (gate_act)")
+    assert lines["layer2.0"].endswith("se (SEModule) runs as a module: drop_path (DropPath) follows it")
+    assert lines["layer3.0"].endswith("se (SEModule) runs as a module")
+
+
 def test_se_module_attributes_checked(timm):
     from timm.layers.squeeze_excite import SEModule
 

@@ -106,16 +106,24 @@ _GATES = {
 }
 
 
-def channel_gate(module: Optional[nn.Module], z: torch.Tensor) -> Optional[torch.Tensor]:
-    """``[N, C, 1, 1]`` gate ``s`` with ``module(z) == z * s``, computed by the module's own layers from
-    ``RF.channel_mean(z)``, for a timm SE / effective-SE / ECA module (:data:`_GATES`) without hooks of
-    its own and without ``add_maxpool``; None for any other module (the caller then calls it)."""
+def gate_fn(module: Optional[nn.Module]):
+    """``fn(module, mean)`` computing the gate of a timm SE / effective-SE / ECA module (:data:`_GATES`)
+    without hooks of its own and without ``add_maxpool`` from the channel mean of its input; None for
+    any other module."""
     cls = type(module)
     entry = _GATES.get(f"{cls.__module__}.{cls.__qualname__}")
     if (entry is None or RF.hooked(module) or getattr(module, "add_maxpool", False)
             or not all(hasattr(module, a) for a in entry[1])):
         return None
-    return entry[0](module, RF.channel_mean(z))
+    return entry[0]
+
+
+def channel_gate(module: Optional[nn.Module], z: torch.Tensor) -> Optional[torch.Tensor]:
+    """``[N, C, 1, 1]`` gate ``s`` with ``module(z) == z * s``, computed by the module's own layers from
+    ``RF.channel_mean(z)``, for a module :func:`gate_fn` knows; None for any other module (the caller
+    then calls it)."""
+    fn = gate_fn(module)
+    return None if fn is None else fn(module, RF.channel_mean(z))
 
 
 class BasicBlock(_FromModule, ref_resnet.BasicBlock):
