@@ -67,10 +67,11 @@ TORCH_LIBRARY(resfuse, m) {
         {at::Tag::pt2_compliant_tag});
 
   // With dz = grad_out masked by the ReLU of output (relu) or grad_out: grad_input = dz * gate[n, c],
-  // grad_gate[n, c] = sum over H, W of dz * input ([N, C], gate's dtype), grad_residual = dz when
-  // residual_grad, else a [0]-shaped tensor. Activations in input's memory format.
+  // grad_gate[n, c] = sum over H, W of dz * input ([N, C], gate's dtype; a [0]-shaped tensor without
+  // input, which is then not read), grad_residual = dz when residual_grad, else a [0]-shaped tensor.
+  // Activations in input's memory format (grad_out's without input).
   m.def(
-      "gate_act_backward(Tensor grad_out, Tensor output, Tensor input, Tensor gate, bool relu, "
+      "gate_act_backward(Tensor grad_out, Tensor output, Tensor? input, Tensor gate, bool relu, "
       "bool residual_grad) -> (Tensor grad_input, Tensor grad_gate, Tensor grad_residual)",
       {at::Tag::pt2_compliant_tag});
 

@@ -322,16 +322,17 @@ def _match_pattern(m: nn.Module, p: Pattern, known: type) -> _Verdict:
 
 
 def _se_note(m: nn.Module) -> str:
-    """How a timm block's ``se`` runs in the fused block (``resfuse.nn.blocks._split_forward``)."""
-    se, dp = m._modules.get("se"), m._modules.get("drop_path")
-    if se is None or type(se) is nn.Identity:
+    """How a timm block's ``se`` and ``drop_path`` run in the fused block (``resfuse.nn.blocks._split_forward``)."""
+    se, dp = (None if type(c) is nn.Identity else c for c in map(m._modules.get, ("se", "drop_path")))
+    named = [f"{n} ({type(c).__name__})" for n, c in (("se", se), ("drop_path", dp)) if c is not None]
+    if not named:
         return ""
-    what = f"se ({type(se).__name__})"
-    if fnn.blocks.gate_fn(se) is None:
-        return f"{what} runs as a module"
-    if dp is not None and type(dp) is not nn.Identity:
-        return f"{what} runs as a module: drop_path ({type(dp).__name__}) follows it"
-    return f"{what}: its gate, the shortcut add and the ReLU run as one op (gate_act)"
+    if (se is None or fnn.blocks.gate_fn(se) is not None) and (dp is None or fnn.blocks._is_drop_path(dp)):
+        if se is None:  # DropPath alone: the identity in eval
+            return (f"{named[0]}: in training its mask, the shortcut add and the ReLU run as one op (gate_act); "
+                    "in eval the block is one fused chain")
+        return f"{' and '.join(named)}, the shortcut add and the ReLU run as one op (gate_act)"
+    return f"{' and '.join(named)} run as modules"
 
 
 def _match_sequential(m: nn.Module) -> _Verdict:

@@ -59,6 +59,10 @@ def test_op_matches_reference(shape, dtype, channels_last, relu, residual):
     assert got[0].is_contiguous(memory_format=fmt) and got[2].is_contiguous(memory_format=fmt)
     assert got[1].shape == gate.shape and got[1].dtype == gate.dtype
     assert ops.gate_act_backward(g, out, x, gate, relu, False)[2].shape == (0,)
+    # without input: no grad_gate, the same activation gradients
+    no_gate = ops.gate_act_backward(g, out, None, gate, relu, True)
+    assert no_gate[1].shape == (0,) and torch.equal(no_gate[0], got[0]) and torch.equal(no_gate[2], got[2])
+    assert no_gate[0].is_contiguous(memory_format=fmt)
 
 
 @pytest.mark.parametrize("channels_last", LAYOUTS)
@@ -121,8 +125,9 @@ def test_opcheck(op):
             else:
                 out = ops.gate_act(x, gate, r, True)
                 for rg in (True, False):
-                    torch.library.opcheck(torch.ops.resfuse.gate_act_backward.default,
-                                          (torch.randn_like(out), out, x, gate, True, rg))
+                    for inp in (x, None):
+                        torch.library.opcheck(torch.ops.resfuse.gate_act_backward.default,
+                                              (torch.randn_like(out), out, inp, gate, True, rg))
 
 
 def _bad_cases():
@@ -138,8 +143,8 @@ def _bad_cases():
         ("int input", lambda: fwd(x.int(), g, None, True), r"input must be float32, float64"),
         ("residual shape", lambda: fwd(x, g, x[:, :, :3], True), r"residual must have the shape of input"),
         ("residual dtype", lambda: fwd(x, g, x.double(), True), r"residual must have the dtype of input"),
-        ("grad shape", lambda: bwd(x[:1], x, x, g, True, True), r"grad_out must have the shape of input"),
-        ("output dtype", lambda: bwd(x, x.double(), x, g, True, True), r"output must have the dtype of input"),
+        ("input shape", lambda: bwd(x, x, x[:1], g, True, True), r"input must have the shape of grad_out"),
+        ("output dtype", lambda: bwd(x, x.double(), None, g, True, True), r"output must have the dtype of grad_out"),
     ]
 
 
@@ -308,11 +313,49 @@ def test_timm_gate_left_to_the_module(timm, monkeypatch):
         assert_close_ref(fused(x), plain(x), rtol=1e-10, name=name)
         assert len(calls) == 3, name  # the edited block's gate is the module's own
     plain = randomize_bn(ResNet(BasicBlock, [1, 1, 1, 1], num_classes=5, drop_path_rate=0.2,
-                                block_args={"attn_layer": "se"}))
+                                block_args={"attn_layer": "se"})).double()
+    plain.layer2[0].drop_path = nn.Dropout(0.3)  # not timm's DropPath: the modules run themselves
     fused = resfuse.fuse(copy.deepcopy(plain))
     calls = _count_gates(monkeypatch)
-    fused.eval()(torch.randn(2, 3, 32, 32))
-    assert len(calls) == 1  # the first block only (its drop-path rate is 0)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    torch.manual_seed(3)
+    a = fused.train()(x)
+    torch.manual_seed(3)
+    assert_close_ref(a, plain.train()(x), rtol=1e-10)
+    assert len(calls) == 3
+
+
+@pytest.mark.parametrize("attn", [None, "se"])
+def test_timm_drop_path_folded_into_the_gate(timm, attn, monkeypatch):
+    """Stochastic depth (timm's DropPath) is the gate's per-image mask: same random draws as timm's
+    ``drop_path(se(z))``, so train-mode outputs and gradients equal plain timm's in float64; with and
+    without an SE module, Bottleneck blocks with projections."""
+    from timm.models.resnet import Bottleneck, ResNet
+
+    torch.manual_seed(0)
+    plain = randomize_bn(ResNet(Bottleneck, [2, 2, 1, 1], num_classes=5, drop_path_rate=0.5,
+                                block_args={"attn_layer": attn})).double()
+    fused = resfuse.fuse(copy.deepcopy(plain))
+    calls = _count_gates(monkeypatch)
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    for seed in range(3):
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        torch.manual_seed(seed)
+        a = fused.train()(xa)
+        torch.manual_seed(seed)
+        b = plain.train()(xb)
+        assert_close_ref(a, b, rtol=1e-10)
+        a.square().sum().backward()
+        b.square().sum().backward()
+        assert_close_ref(xa.grad, xb.grad, rtol=1e-9, name="grad x")
+        for (n, p), q in zip(fused.named_parameters(), plain.parameters()):
+            assert_close_ref(p.grad, q.grad, rtol=1e-9, name=f"grad {n}")
+            p.grad = q.grad = None
+    assert len(calls) == 3 * (6 if attn else 5)  # the first block has no drop path (rate 0): no gate without se
+    calls.clear()
+    assert_close_ref(fused.eval()(x), plain.eval()(x), rtol=1e-10)
+    # in eval a DropPath is the identity: without se the block is one fused chain again (add, ReLU inside)
+    assert len(calls) == (6 if attn else 0)
 
 
 def test_explain_says_how_se_runs(timm):
@@ -320,10 +363,18 @@ def test_explain_says_how_se_runs(timm):
 
     model = ResNet(BasicBlock, [1, 1, 1, 1], num_classes=5, drop_path_rate=0.2, block_args={"attn_layer": "se"})
     model.layer3[0].se.register_forward_hook(lambda m, i, o: None)
+    model.layer4[0].drop_path = nn.Dropout()
     lines = {line.split()[0]: line for line in resfuse.explain(resfuse.fuse(model)).splitlines()[1:]}
-    assert lines["layer1.0"].endswith("se (SEModule): its gate, the shortcut add and the ReLU run as one op (gate_act)")
-    assert lines["layer2.0"].endswith("se (SEModule) runs as a module: drop_path (DropPath) follows it")
-    assert lines["layer3.0"].endswith("se (SEModule) runs as a module")
+    assert lines["layer1.0"].endswith(": se (SEModule), the shortcut add and the ReLU run as one op (gate_act)")
+    assert lines["layer2.0"].endswith(
+        ": se (SEModule) and drop_path (DropPath), the shortcut add and the ReLU run as one op (gate_act)")
+    assert lines["layer3.0"].endswith(": se (SEModule) and drop_path (DropPath) run as modules")
+    assert lines["layer4.0"].endswith(": se (SEModule) and drop_path (Dropout) run as modules")
+    model = ResNet(BasicBlock, [1, 1, 1, 1], num_classes=5, drop_path_rate=0.2)
+    lines = {line.split()[0]: line for line in resfuse.explain(resfuse.fuse(model)).splitlines()[1:]}
+    assert lines["layer2.0"].endswith(": drop_path (DropPath): in training its mask, the shortcut add and the "
+                                      "ReLU run as one op (gate_act); in eval the block is one fused chain")
+    assert lines["layer1.0"].endswith("(was timm.models.resnet.BasicBlock)")
 
 
 def test_se_module_attributes_checked(timm):

@@ -57,6 +57,10 @@ def test_gate_act_forward_and_backward(shape, dtype, cl, res):
                 assert_close_ref(got[2], want[2], dtype, name="grad_residual")
             else:
                 assert got[2].shape == (0,)
+            with poison():
+                no_gate = _gate_ops().gate_act_backward(g, y, None, gate, relu, rg)
+            assert no_gate[1].shape == (0,) and torch.equal(no_gate[0], got[0])
+            assert torch.equal(no_gate[2], got[2]) and same_format(no_gate[0], x)
 
 
 def test_functional_on_the_triton_backend():

@@ -115,12 +115,12 @@ inline void check_gate_act_args(const at::Tensor& input, const at::Tensor& gate,
 
 // `output` is read only when relu is true (for the ReLU mask); it is not checked otherwise.
 inline void check_gate_act_backward_args(const at::Tensor& grad_out, const at::Tensor& output,
-                                         const at::Tensor& input, const at::Tensor& gate, bool relu) {
+                                         const std::optional<at::Tensor>& input, const at::Tensor& gate, bool relu) {
   constexpr const char* op = "resfuse::gate_act_backward";
-  check_activation(op, "input", input);
-  check_like(op, "grad_out", grad_out, "input", input);
-  if (relu) check_like(op, "output", output, "input", input);
-  check_gate(op, gate, input);
+  check_activation(op, "grad_out", grad_out);
+  if (input) check_like(op, "input", *input, "grad_out", grad_out);
+  if (relu) check_like(op, "output", output, "grad_out", grad_out);
+  check_gate(op, gate, grad_out);
 }
 
 // `output` is read only when relu is true (for the ReLU mask); it is not checked otherwise.

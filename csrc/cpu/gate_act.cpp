@@ -3,7 +3,7 @@
 //
 //   forward:  out = act(input * gate[n, c] + residual)
 //   backward: dz = relu_grad(grad_out, out); grad_input = dz * gate[n, c]; grad_residual = dz;
-//             grad_gate[n, c] = sum over h, w of dz * input
+//             grad_gate[n, c] = sum over h, w of dz * input (when input is given)
 //
 // Elementwise work is split as in bn_act: NCHW over (n, c) planes (the plane's gate is one scalar, its
 // grad_gate one lane sum flushed into a double every kFlush values), NHWC over rows of C values (the
@@ -119,34 +119,35 @@ struct GateBackParams {
   using acc_t = at::opmath_type<scalar_t>;
   const scalar_t* grad_out;
   const scalar_t* output;  // null unless relu
-  const scalar_t* input;
+  const scalar_t* input;   // null without grad_gate
   const acc_t* gate;        // [N, C]
   scalar_t* grad_input;
   scalar_t* grad_residual;  // null unless requested
-  acc_t* grad_gate;         // [N, C]
+  acc_t* grad_gate;         // [N, C]; null without input
   int64_t N, C, HW;
 };
 
-// grad_input (and grad_residual) of the k <= kStep elements at offset i; adds dz * input to `sum`
-// (lanes past k load zero, so they add nothing).
-template <typename scalar_t, bool kRelu, bool kRg>
+// grad_input (and grad_residual) of the k <= kStep elements at offset i; with kGate, adds dz * input to
+// `sum` (lanes past k load zero, so they add nothing).
+template <typename scalar_t, bool kRelu, bool kRg, bool kGate>
 C10_ALWAYS_INLINE void gate_back_step(const GateBackParams<scalar_t>& p, int64_t i, int64_t k,
                                       const typename VecIO<scalar_t>::Pack& gate, typename VecIO<scalar_t>::Pack& sum) {
   using IO = VecIO<scalar_t>;
   const auto g = IO::load(p.grad_out + i, k);
-  const auto x = IO::load(p.input + i, k);
-  typename IO::Pack o{}, dz, gx;
+  typename IO::Pack o{}, x{}, dz, gx;
   if constexpr (kRelu) o = IO::load(p.output + i, k);
+  if constexpr (kGate) x = IO::load(p.input + i, k);
   for (int64_t q = 0; q < IO::kParts; ++q) {
     dz[q] = relu_grad<kRelu>(g[q], o[q]);
     gx[q] = dz[q] * gate[q];
-    sum[q] = at::vec::fmadd(dz[q], x[q], sum[q]);
+    if constexpr (kGate) sum[q] = at::vec::fmadd(dz[q], x[q], sum[q]);
   }
   IO::store(p.grad_input + i, gx, k);
   if constexpr (kRg) IO::store(p.grad_residual + i, dz, k);
 }
 
-template <typename scalar_t, bool kRelu, bool kRg>
+// NCHW planes [plane0, plane1); with kGate each plane's sum of dz * input goes to grad_gate[plane].
+template <typename scalar_t, bool kRelu, bool kRg, bool kGate>
 void gate_back_planes(const GateBackParams<scalar_t> p, int64_t plane0, int64_t plane1) {
   using IO = VecIO<scalar_t>;
   using Vec = typename IO::Vec;
@@ -163,15 +164,33 @@ void gate_back_planes(const GateBackParams<scalar_t> p, int64_t plane0, int64_t 
     const int64_t base = plane * p.HW;
     int64_t i = 0, pending = 0;
     for (; i + IO::kStep <= p.HW; i += IO::kStep) {
-      gate_back_step<scalar_t, kRelu, kRg>(p, base + i, IO::kStep, gate, sum);
-      if ((pending += IO::kStep) >= kFlush) {
+      gate_back_step<scalar_t, kRelu, kRg, kGate>(p, base + i, IO::kStep, gate, sum);
+      if (kGate && (pending += IO::kStep) >= kFlush) {
         flush();
         pending = 0;
       }
     }
-    if (i < p.HW) gate_back_step<scalar_t, kRelu, kRg>(p, base + i, p.HW - i, gate, sum);
-    flush();
-    p.grad_gate[plane] = acc_t(total);
+    if (i < p.HW) gate_back_step<scalar_t, kRelu, kRg, kGate>(p, base + i, p.HW - i, gate, sum);
+    if constexpr (kGate) {
+      flush();
+      p.grad_gate[plane] = acc_t(total);
+    }
+  }
+}
+
+// NHWC without grad_gate: rows [row0, row1) of C values, elementwise.
+template <typename scalar_t, bool kRelu, bool kRg>
+void gate_back_rows(const GateBackParams<scalar_t> p, int64_t row0, int64_t row1) {
+  using IO = VecIO<scalar_t>;
+  typename IO::Pack unused;
+  for (int64_t row = row0; row < row1; ++row) {
+    const auto* gate = p.gate + (row / p.HW) * p.C;
+    const int64_t base = row * p.C;
+    int64_t c = 0;
+    for (; c + IO::kStep <= p.C; c += IO::kStep) {
+      gate_back_step<scalar_t, kRelu, kRg, false>(p, base + c, IO::kStep, IO::load_acc(gate + c), unused);
+    }
+    if (c < p.C) gate_back_step<scalar_t, kRelu, kRg, false>(p, base + c, p.C - c, IO::load_acc(gate + c, p.C - c), unused);
   }
 }
 
@@ -181,12 +200,12 @@ C10_ALWAYS_INLINE void gate_back_row_step(const GateBackParams<scalar_t>& p, at:
                                           const at::opmath_type<scalar_t>* gate, int64_t row, int64_t c, int64_t k) {
   using IO = VecIO<scalar_t>;
   auto sum = IO::load_acc(chunk + c, k);
-  gate_back_step<scalar_t, kRelu, kRg>(p, row + c, k, IO::load_acc(gate + c, k), sum);
+  gate_back_step<scalar_t, kRelu, kRg, true>(p, row + c, k, IO::load_acc(gate + c, k), sum);
   IO::store_acc(chunk + c, sum, k);
 }
 
-// NHWC blocks [t0, t1) of `per_image` blocks per image: block t of image t / per_image adds its
-// C sums into partial[t].
+// NHWC with grad_gate, blocks [t0, t1) of blocks.count blocks per image: block t of image t /
+// blocks.count adds its C sums into partial[t].
 template <typename scalar_t, bool kRelu, bool kRg>
 void gate_back_blocks(const GateBackParams<scalar_t> p, const RowBlocks blocks, double* partial, int64_t t0,
                       int64_t t1) {
@@ -231,38 +250,46 @@ void gate_back_nhwc(const GateBackParams<scalar_t>& p) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_act_backward_cpu(const at::Tensor& grad_out_,
                                                                      const at::Tensor& output_,
-                                                                     const at::Tensor& input_, const at::Tensor& gate,
-                                                                     bool relu, bool residual_grad) {
+                                                                     const std::optional<at::Tensor>& input_,
+                                                                     const at::Tensor& gate, bool relu,
+                                                                     bool residual_grad) {
   check_gate_act_backward_args(grad_out_, output_, input_, gate, relu);
-  const Layout layout = layout_of(input_);
-  const at::Tensor input = to_layout(input_, layout);
+  const at::Tensor& like = input_ ? *input_ : grad_out_;  // layout, shape and dtype of the results
+  const Layout layout = layout_of(like);
+  const at::Tensor input = input_ ? to_layout(*input_, layout) : at::Tensor();
   const at::Tensor grad_out = to_layout(grad_out_, layout);
   const at::Tensor output = relu ? to_layout(output_, layout) : at::Tensor();
   const at::Tensor gate_c = gate.contiguous();
-  at::Tensor grad_input = empty_in_layout(input, layout);
-  at::Tensor grad_residual = residual_grad ? empty_in_layout(input, layout) : input.new_empty({0});
-  at::Tensor grad_gate = at::empty(gate.sizes(), gate.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor grad_input = empty_in_layout(grad_out, layout);
+  at::Tensor grad_residual = residual_grad ? empty_in_layout(grad_out, layout) : grad_out.new_empty({0});
+  at::Tensor grad_gate = input.defined()
+                             ? at::empty(gate.sizes(), gate.options().memory_format(at::MemoryFormat::Contiguous))
+                             : gate.new_empty({0});
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "resfuse::gate_act_backward", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad_out.scalar_type(), "resfuse::gate_act_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const GateBackParams<scalar_t> p{grad_out.const_data_ptr<scalar_t>(),
                                      relu ? output.const_data_ptr<scalar_t>() : nullptr,
-                                     input.const_data_ptr<scalar_t>(),
+                                     input.defined() ? input.const_data_ptr<scalar_t>() : nullptr,
                                      gate_c.const_data_ptr<acc_t>(),
                                      grad_input.mutable_data_ptr<scalar_t>(),
                                      residual_grad ? grad_residual.mutable_data_ptr<scalar_t>() : nullptr,
-                                     grad_gate.mutable_data_ptr<acc_t>(),
-                                     input.size(0),
-                                     input.size(1),
-                                     input.size(2) * input.size(3)};
+                                     input.defined() ? grad_gate.mutable_data_ptr<acc_t>() : nullptr,
+                                     grad_out.size(0),
+                                     grad_out.size(1),
+                                     grad_out.size(2) * grad_out.size(3)};
     value_switch<false, true>(relu, [&](auto relu_c) {
       value_switch<false, true>(residual_grad, [&](auto rg_c) {
         constexpr bool kRelu = decltype(relu_c)::value, kRg = decltype(rg_c)::value;
-        if (layout == Layout::NHWC) {
+        if (!input.defined()) {
+          parallel_over_layout(
+              layout, p.N, p.C, p.HW, [&](int64_t r0, int64_t r1) { gate_back_rows<scalar_t, kRelu, kRg>(p, r0, r1); },
+              [&](int64_t p0, int64_t p1) { gate_back_planes<scalar_t, kRelu, kRg, false>(p, p0, p1); });
+        } else if (layout == Layout::NHWC) {
           gate_back_nhwc<scalar_t, kRelu, kRg>(p);
         } else {
           at::parallel_for(0, p.N * p.C, grain_for(p.HW), [&](int64_t plane0, int64_t plane1) {
-            gate_back_planes<scalar_t, kRelu, kRg>(p, plane0, plane1);
+            gate_back_planes<scalar_t, kRelu, kRg, true>(p, plane0, plane1);
           });
         }
       });

@@ -56,10 +56,13 @@ def _split_forward(block, x: torch.Tensor, layers, aa_after: int) -> Optional[to
     """The block's output where some of :data:`_CALLED` compute something, else None (the caller's
     one-chain forward): the conv-BN layers run as fused chains around those modules — up to ``aa``,
     after it, and, with ``se`` / ``drop_path``, the rest without its final ReLU. A timm SE / ECA ``se``
-    without stochastic depth then ends the block as one :func:`resfuse.functional.gate_act` (its gate
-    computed by the module's own layers: :func:`channel_gate`); otherwise those modules, the shortcut
-    add and the ReLU run as the original forward runs them."""
+    and a timm ``DropPath`` then end the block as one :func:`resfuse.functional.gate_act` (the gate
+    computed by the SE module's own layers, :func:`channel_gate`, and masked by the ``DropPath``:
+    :func:`_tail_gate`); other such modules, the shortcut add and the ReLU run as the original forward
+    runs them."""
     aa, se, dp = (None if type(m) in _INERT else m for m in map(block._modules.get, _CALLED))
+    if dp is not None and _is_drop_path(dp) and (not dp.training or not dp.drop_prob):
+        dp = None  # timm's DropPath returns its input then (and draws nothing)
     if aa is None and se is None and dp is None:
         return None
     h, rest = x, layers
@@ -70,15 +73,34 @@ def _split_forward(block, x: torch.Tensor, layers, aa_after: int) -> Optional[to
     if not tail:
         return RF.conv_bn_chain(h, rest, shortcut, True)
     z = RF.conv_bn_chain(h, rest, None, False)
-    gate = channel_gate(se, z) if dp is None else None
+    gate = _tail_gate(se, dp, z)
     if gate is None:
         for m in tail:
             z = m(z)
     if isinstance(shortcut, tuple):  # a projection (x_s, conv_s, bn_s)
         shortcut = RF.conv_bn_act(*shortcut, relu=False)
-    if gate is not None:  # se(z) = z * gate: its multiply, the add and the ReLU in one pass
+    if gate is not None:  # dp(se(z)) = z * gate: the multiply, the add and the ReLU in one pass
         return RF.gate_act(z, gate, shortcut, True)
     return torch.relu_(z + shortcut)  # (in place on the fresh sum, as timm's act(inplace=True))
+
+
+def _tail_gate(se, dp, z: torch.Tensor) -> Optional[torch.Tensor]:
+    """The ``[N, C, 1, 1]`` gate ``g`` with ``dp(se(z)) == z * g`` for ``se`` None or a module
+    :func:`gate_fn` knows and ``dp`` None or a timm ``DropPath`` without hooks, else None (then the
+    modules run themselves). ``dp`` is called on the gate (``se``'s, or ones): its per-image mask has the
+    shape ``[N, 1, 1, 1]`` either way, so it draws the same random numbers as on ``se(z)``."""
+    if dp is not None and not _is_drop_path(dp):
+        return None
+    gate = channel_gate(se, z) if se is not None else z.new_ones(z.shape[0], 1, 1, 1)
+    if gate is None or dp is None:
+        return gate
+    return dp(gate).expand(z.shape[0], z.shape[1], 1, 1)
+
+
+def _is_drop_path(m: nn.Module) -> bool:
+    """timm's ``DropPath`` (exact class: its forward is ``x * mask[n]``, the mask drawn per image)."""
+    cls = type(m)
+    return f"{cls.__module__}.{cls.__qualname__}" == "timm.layers.drop.DropPath" and not RF.hooked(m)
 
 
 def _se_gate(m, zm):

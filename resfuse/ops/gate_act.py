@@ -36,12 +36,14 @@ def gate_act(input: Tensor, gate: Tensor, residual: Tensor | None = None, relu: 
     return _op("gate_act")(input, gate, residual, relu)
 
 
-def gate_act_backward(grad_out: Tensor, output: Tensor, input: Tensor, gate: Tensor, relu: bool = True,
+def gate_act_backward(grad_out: Tensor, output: Tensor, input: Tensor | None, gate: Tensor, relu: bool = True,
                       residual_grad: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """``(grad_input, grad_gate, grad_residual)`` of :func:`gate_act` in one pass: with ``dz`` =
     ``grad_out`` where ``output > 0`` (``relu``; ``output`` is not read otherwise), ``grad_input = dz *
     gate[n, c]``, ``grad_gate[n, c]`` = the sum over H, W of ``dz * input`` (accumulated in float32 lanes
-    flushed into float64), ``grad_residual = dz`` when ``residual_grad``, else an empty ``[0]`` tensor."""
+    flushed into float64; an empty ``[0]`` tensor without ``input``, which is then not read: a gate that
+    needs no gradient, e.g. a stochastic-depth mask), ``grad_residual = dz`` when ``residual_grad``, else
+    an empty ``[0]`` tensor."""
     return _op("gate_act_backward")(grad_out, output, input, gate, relu, residual_grad)
 
 
@@ -56,8 +58,10 @@ if _extension.LOADED:
 
     @torch.library.register_fake("resfuse::gate_act_backward")
     def _gate_act_backward_fake(grad_out, output, input, gate, relu, residual_grad):
-        grad_residual = _like_input(input) if residual_grad else input.new_empty((0,))
-        return _like_input(input), torch.empty_like(gate, memory_format=torch.contiguous_format), grad_residual
+        like = grad_out if input is None else input
+        grad_residual = _like_input(like) if residual_grad else like.new_empty((0,))
+        grad_gate = gate.new_empty((0,)) if input is None else torch.empty_like(gate, memory_format=torch.contiguous_format)
+        return _like_input(like), grad_gate, grad_residual
 
 
 def gate_matrix(s: Tensor, x: Tensor) -> Tensor:
@@ -70,8 +74,9 @@ def gate_matrix(s: Tensor, x: Tensor) -> Tensor:
 class GateActFunction(torch.autograd.Function):
     """``act(x * s + residual)`` for ``s`` ``[N, C, 1, 1]`` (any float dtype; the op runs on it as a
     ``[N, C]`` float32 / float64 gate) by backend ``backend_name``'s ``gate_act`` /
-    ``gate_act_backward``. Saves ``x``, the gate and, with the ReLU, ``out`` (for its mask; a ResNet's
-    next block keeps it anyway, as its input)."""
+    ``gate_act_backward``. Saves the gate, ``x`` where ``s`` needs a gradient (as eager's multiply
+    does) and, with the ReLU, ``out`` (for its mask; a ResNet's next block keeps it anyway, as its
+    input)."""
 
     @staticmethod
     def forward(ctx, backend_name: str, x: Tensor, s: Tensor, residual, relu: bool):
@@ -79,7 +84,7 @@ class GateActFunction(torch.autograd.Function):
         gate = gate_matrix(s, x)
         out = be.gate_act(x, gate, residual, relu)
         ctx.backend_name, ctx.relu, ctx.s_dtype = backend_name, relu, s.dtype
-        ctx.save_for_backward(x, gate, out if relu else None)
+        ctx.save_for_backward(x if ctx.needs_input_grad[2] else None, gate, out if relu else None)
         return out
 
     @staticmethod
@@ -88,8 +93,8 @@ class GateActFunction(torch.autograd.Function):
         _, need_x, need_s, need_r, _ = ctx.needs_input_grad
         be = instance(ctx.backend_name)[0]
         # without the ReLU the shortcut's gradient is grad_out itself
-        gx, gg, gr = be.gate_act_backward(grad_out, out if ctx.relu else grad_out, x, gate, ctx.relu,
-                                          need_r and ctx.relu)
+        gx, gg, gr = be.gate_act_backward(grad_out, out if ctx.relu else grad_out, x if need_s else None, gate,
+                                          ctx.relu, need_r and ctx.relu)
         gs = gg.view(*gg.shape, 1, 1).to(ctx.s_dtype) if need_s else None
         gr = (gr if ctx.relu else grad_out) if need_r else None
         return None, gx if need_x else None, gs, gr, None

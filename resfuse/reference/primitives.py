@@ -159,11 +159,15 @@ def gate_act(input: Tensor, gate: Tensor, residual: Tensor | None = None, relu: 
     return _like(y, input)
 
 
-def gate_act_backward(grad_out: Tensor, output: Tensor, input: Tensor, gate: Tensor, relu: bool = True,
+def gate_act_backward(grad_out: Tensor, output: Tensor, input: Tensor | None, gate: Tensor, relu: bool = True,
                       residual_grad: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-    """``(dz * gate[n, c], sum over H, W of dz * input, dz | [0])``."""
+    """``(dz * gate[n, c], sum over H, W of dz * input | [0] without input, dz | [0])``."""
     dz = _relu_grad(grad_out, output, relu)
-    grad_input = _like(dz * gate.to(torch.float64)[:, :, None, None], input)
-    grad_gate = (dz * input.to(torch.float64)).sum((2, 3)).to(gate.dtype)
-    grad_residual = _like(dz, input) if residual_grad else input.new_empty((0,))
+    like = grad_out if input is None else input
+    grad_input = _like(dz * gate.to(torch.float64)[:, :, None, None], like)
+    if input is None:
+        grad_gate = gate.new_empty((0,))
+    else:
+        grad_gate = (dz * input.to(torch.float64)).sum((2, 3)).to(gate.dtype)
+    grad_residual = _like(dz, like) if residual_grad else like.new_empty((0,))
     return grad_input, grad_gate, grad_residual

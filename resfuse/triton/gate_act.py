@@ -38,23 +38,25 @@ def gate_act(x: torch.Tensor, gate: torch.Tensor, residual: torch.Tensor | None 
 
 
 def gate_act_backward(grad_out, output, x, gate, relu=True, residual_grad=False):
-    """``(dz * gate[n, c], sum_hw dz * x as [N, C] fp32, dz | [0])``."""
-    xd, cl = layout_of(x)
-    n, c, h, w = x.shape
-    gx = new_like(xd)
-    gr = new_like(xd) if residual_grad else x.new_empty((0,))
-    if xd.numel() == 0:
-        return gx, torch.zeros(n, c, dtype=torch.float32, device=x.device), gr
+    """``(dz * gate[n, c], sum_hw dz * x as [N, C] fp32 | [0] without x, dz | [0])``."""
+    like = grad_out if x is None else x
+    ld, cl = layout_of(like)
+    n, c, h, w = like.shape
+    gx = new_like(ld)
+    gr = new_like(ld) if residual_grad else like.new_empty((0,))
+    want_gate = x is not None
+    if ld.numel() == 0:
+        return gx, (torch.zeros(n, c, dtype=torch.float32, device=like.device) if want_gate else gate.new_empty((0,))), gr
     go = dense(grad_out, cl)
-    out = dense(output, cl) if relu else xd
-    arch, sms = arch_and_sms(x)
-    variant = {"CL": int(cl), "RELU": int(bool(relu)), "RES_GRAD": int(bool(residual_grad))}
-    cfg = registry.pick("gate_act_bwd", arch, variant, DTYPE_KEY[x.dtype])
+    out = dense(output, cl) if relu else go
+    arch, sms = arch_and_sms(like)
+    variant = {"CL": int(cl), "RELU": int(bool(relu)), "RES_GRAD": int(bool(residual_grad)), "GATE_GRAD": int(want_gate)}
+    cfg = registry.pick("gate_act_bwd", arch, variant, DTYPE_KEY[like.dtype])
     br, bc = cfg["BLOCK_R"], cfg["BLOCK_C"]
     rows, chunks, g = reduction_grid(n, h * w, c, br, bc, sms)
-    part = new_f32((g, c), x.device)
+    part = new_f32((g, c) if want_gate else (1,), like.device)
     gate_bwd_kernel[(g, cdiv(c, bc))](
-        go, out, xd, _gate(gate, x), gx, gr if residual_grad else gx, part, c, h * w, rows, chunks,
+        go, out, ld, _gate(gate, like), gx, gr if residual_grad else gx, part, c, h * w, rows, chunks,
         num_warps=cfg.num_warps, **variant, **cfg.kwargs())
     # the chunks of each image summed in a fixed order: deterministic
-    return gx, part.view(n, chunks, c).sum(1), gr
+    return gx, (part.view(n, chunks, c).sum(1) if want_gate else gate.new_empty((0,))), gr

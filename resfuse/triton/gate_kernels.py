@@ -36,9 +36,10 @@ def gate_act_kernel(X, GATE, R, Y, TOTAL, C, HW, lo, CL: tl.constexpr, HAS_RES: 
 
 @kernel
 def gate_bwd_kernel(GO, OUT, X, GATE, GX, GR, PART, C, HW, ROWS, CHUNKS,
-                    CL: tl.constexpr, RELU: tl.constexpr, RES_GRAD: tl.constexpr,
+                    CL: tl.constexpr, RELU: tl.constexpr, RES_GRAD: tl.constexpr, GATE_GRAD: tl.constexpr,
                     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """``gx = dz * gate[n, c]``, ``gr = dz`` (``RES_GRAD``), partial ``sum dz * x`` per (image, channel)."""
+    """``gx = dz * gate[n, c]``, ``gr = dz`` (``RES_GRAD``), partial ``sum dz * x`` per (image, channel)
+    (``GATE_GRAD``; ``X`` is not read otherwise)."""
     g = tl.program_id(0)
     pid_c = tl.program_id(1)
     n = g // CHUNKS
@@ -60,9 +61,11 @@ def gate_bwd_kernel(GO, OUT, X, GATE, GX, GR, PART, C, HW, ROWS, CHUNKS,
         if RELU:
             o = tl.load(OUT + off, mask=mask, other=0.0).to(tl.float32)
             dz = tl.where(o <= 0, 0.0, dz)
-        x = tl.load(X + off, mask=mask, other=0.0).to(tl.float32)
+        if GATE_GRAD:
+            x = tl.load(X + off, mask=mask, other=0.0).to(tl.float32)
+            acc += tl.where(mask, dz * x, 0.0)
         tl.store(GX + off, (dz * s[None, :]).to(GX.dtype.element_ty), mask=mask)
         if RES_GRAD:
             tl.store(GR + off, dz.to(GR.dtype.element_ty), mask=mask)
-        acc += tl.where(mask, dz * x, 0.0)
-    tl.store(PART + g * C + offs_c, tl.sum(acc, axis=0), mask=c_ok)
+    if GATE_GRAD:
+        tl.store(PART + g * C + offs_c, tl.sum(acc, axis=0), mask=c_ok)

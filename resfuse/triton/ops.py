@@ -122,12 +122,14 @@ def _(x, gate, residual, relu):
 
 
 @torch.library.custom_op(f"{_LIB}::triton_gate_act_backward", mutates_args=())
-def triton_gate_act_backward(grad_out: Tensor, output: Tensor, x: Tensor, gate: Tensor, relu: bool,
+def triton_gate_act_backward(grad_out: Tensor, output: Tensor, x: Optional[Tensor], gate: Tensor, relu: bool,
                              residual_grad: bool) -> Tuple[Tensor, Tensor, Tensor]:
     return _gate.gate_act_backward(grad_out, output, x, gate, relu, residual_grad)
 
 
 @triton_gate_act_backward.register_fake
 def _(grad_out, output, x, gate, relu, residual_grad):
-    gr = _like_format(x.shape, x) if residual_grad else x.new_empty((0,))
-    return _like_format(x.shape, x), x.new_empty(tuple(gate.shape), dtype=torch.float32), gr
+    like = grad_out if x is None else x
+    gr = _like_format(like.shape, like) if residual_grad else like.new_empty((0,))
+    gg = gate.new_empty((0,)) if x is None else like.new_empty(tuple(gate.shape), dtype=torch.float32)
+    return _like_format(like.shape, like), gg, gr

@@ -244,11 +244,11 @@ GATE_ACT = KernelSpec(
 GATE_BWD = KernelSpec(
     name="gate_act_bwd", module="resfuse.triton.gate_kernels", attr="gate_bwd_kernel", hot=True,
     dtypes=ELEMENTWISE_DTYPES,
-    variants=_layouts([{"RELU": a, "RES_GRAD": g} for a in (0, 1) for g in (0, 1)]),
+    variants=_layouts([{"RELU": a, "RES_GRAD": g, "GATE_GRAD": s} for a in (0, 1) for g in (0, 1) for s in (0, 1)]),
     configs={a: list(_RED_CONFIGS) for a in ARCHS},
     pointer_types=lambda d: {"GO": TRITON_TYPE[d], "OUT": TRITON_TYPE[d], "X": TRITON_TYPE[d], "GATE": "fp32",
                              "GX": TRITON_TYPE[d], "GR": TRITON_TYPE[d], "PART": "fp32"},
-    div16=lambda v: ("C",), doc="gx = dz*gate[n,c]; gr = dz; per-program partial sums of dz*x per (n, c)")
+    div16=lambda v: ("C",), doc="gx = dz*gate[n,c]; gr = dz; per-program partial sums of dz*x per (n, c) (GATE_GRAD)")
 
 KERNELS: dict[str, KernelSpec] = {k.name: k for k in (CONV, STATS_MERGE, BN_STATS, BN_ACT, BN_BWD_REDUCE,
                                                        BN_BWD_APPLY, GATE_ACT, GATE_BWD)}
