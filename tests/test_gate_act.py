@@ -257,6 +257,23 @@ def _count_gates(monkeypatch):
     return calls
 
 
+def _assert_same_step(fused, plain, x, seed=0):
+    """float64: the fused and the plain model's outputs (1e-10) and input / parameter gradients (1e-9) of
+    one forward + backward, each run from the same random state (stochastic depth draws alike)."""
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    torch.manual_seed(seed)
+    a = fused(xa)
+    torch.manual_seed(seed)
+    b = plain(xb)
+    assert_close_ref(a, b, rtol=1e-10)
+    a.square().sum().backward()
+    b.square().sum().backward()
+    assert_close_ref(xa.grad, xb.grad, rtol=1e-9, name="grad x")
+    for (n, p), q in zip(fused.named_parameters(), plain.parameters()):
+        assert_close_ref(p.grad, q.grad, rtol=1e-9, name=f"grad {n}")
+        p.grad = q.grad = None
+
+
 @pytest.mark.parametrize("attn", ["se", "ese", "eca", "eca_mlp"])
 @pytest.mark.parametrize("block", ["basic", "bottleneck"])
 def test_timm_blocks_run_the_fused_gate(timm, attn, block, monkeypatch):
@@ -275,16 +292,8 @@ def test_timm_blocks_run_the_fused_gate(timm, attn, block, monkeypatch):
     for train in (True, False):
         plain.train(train), fused.train(train)
         calls.clear()
-        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-        a, b = fused(xa), plain(xb)
+        _assert_same_step(fused, plain, x)
         assert len(calls) == 5  # every block
-        assert_close_ref(a, b, rtol=1e-10)
-        a.square().sum().backward()
-        b.square().sum().backward()
-        assert_close_ref(xa.grad, xb.grad, rtol=1e-9, name="grad x")
-        for (n, p), q in zip(fused.named_parameters(), plain.parameters()):
-            assert_close_ref(p.grad, q.grad, rtol=1e-9, name=f"grad {n}")
-            p.grad = q.grad = None
 
 
 def test_timm_gate_left_to_the_module(timm, monkeypatch):
@@ -338,19 +347,9 @@ def test_timm_drop_path_folded_into_the_gate(timm, attn, monkeypatch):
     fused = resfuse.fuse(copy.deepcopy(plain))
     calls = _count_gates(monkeypatch)
     x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    fused.train(), plain.train()
     for seed in range(3):
-        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-        torch.manual_seed(seed)
-        a = fused.train()(xa)
-        torch.manual_seed(seed)
-        b = plain.train()(xb)
-        assert_close_ref(a, b, rtol=1e-10)
-        a.square().sum().backward()
-        b.square().sum().backward()
-        assert_close_ref(xa.grad, xb.grad, rtol=1e-9, name="grad x")
-        for (n, p), q in zip(fused.named_parameters(), plain.parameters()):
-            assert_close_ref(p.grad, q.grad, rtol=1e-9, name=f"grad {n}")
-            p.grad = q.grad = None
+        _assert_same_step(fused, plain, x, seed)
     assert len(calls) == 3 * (6 if attn else 5)  # the first block has no drop path (rate 0): no gate without se
     calls.clear()
     assert_close_ref(fused.eval()(x), plain.eval()(x), rtol=1e-10)
