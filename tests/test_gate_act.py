@@ -376,6 +376,32 @@ def test_explain_says_how_se_runs(timm):
     assert lines["layer1.0"].endswith("(was timm.models.resnet.BasicBlock)")
 
 
+def test_pointwise_convs_of_the_gate(timm):
+    """The SE MLP's 1x1 convolutions on the [N, C, 1, 1] mean run as linear layers: the same function
+    and gradients; a hooked or non-plain conv runs as the module (its hook sees the call)."""
+    from timm.layers.squeeze_excite import SEModule
+
+    torch.manual_seed(0)
+    se = SEModule(32).double()
+    z = torch.randn(3, 32, 5, 4, dtype=torch.float64, requires_grad=True)
+    got = z * blocks.channel_gate(se, z)
+    want = se(z)
+    assert_close_ref(got, want, rtol=1e-12)
+    g = torch.randn_like(want)
+    a = torch.autograd.grad(got, [z, *se.parameters()], g)
+    b = torch.autograd.grad(want, [z, *se.parameters()], g)
+    for x, y in zip(a, b):
+        assert x.shape == y.shape
+        assert_close_ref(x, y, rtol=1e-10)
+    seen = []
+    se.fc1.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    blocks.channel_gate(se, z)
+    assert seen == [(3, se.fc1.out_channels, 1, 1)]
+    conv = nn.Conv2d(32, 4, 1).double()
+    t = torch.randn(2, 32, 3, 3, dtype=torch.float64)
+    assert torch.equal(blocks._pointwise(conv, t), conv(t))  # not a 1x1 map: the module itself
+
+
 def test_se_module_attributes_checked(timm):
     from timm.layers.squeeze_excite import SEModule
 
