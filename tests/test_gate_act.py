@@ -402,6 +402,31 @@ def test_pointwise_convs_of_the_gate(timm):
     assert torch.equal(blocks._pointwise(conv, t), conv(t))  # not a 1x1 map: the module itself
 
 
+@pytest.mark.parametrize("channels", [8, 37, 256])
+def test_eca_conv_along_channels(timm, channels):
+    """ECA's one-channel Conv1d over the channel descriptor as a product of sliding windows: the same
+    function and gradients as the module (float64); hooked or strided: the module."""
+    from timm.layers import EcaModule
+
+    torch.manual_seed(0)
+    eca = EcaModule(channels).double()
+    z = torch.randn(2, channels, 3, 4, dtype=torch.float64, requires_grad=True)
+    got, want = z * blocks.channel_gate(eca, z), eca(z)
+    assert_close_ref(got, want, rtol=1e-12)
+    g = torch.randn_like(want)
+    for a, b in zip(torch.autograd.grad(got, [z, eca.conv.weight], g), torch.autograd.grad(want, [z, eca.conv.weight], g)):
+        assert_close_ref(a, b, rtol=1e-10)
+    biased = nn.Conv1d(1, 1, 3, padding=1).double()
+    y = torch.randn(2, 1, channels, dtype=torch.float64)
+    assert_close_ref(blocks._along_channels(biased, y), biased(y), rtol=1e-12)
+    strided = nn.Conv1d(1, 1, 3, stride=2, padding=1).double()
+    assert torch.equal(blocks._along_channels(strided, y), strided(y))
+    seen = []
+    eca.conv.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    blocks.channel_gate(eca, z)
+    assert seen == [(2, 1, channels)]
+
+
 def test_se_module_attributes_checked(timm):
     from timm.layers.squeeze_excite import SEModule
 
