@@ -93,6 +93,12 @@ class _FusedByobBlock(nn.Module):
     not ``nn.Identity``), the last unit is not a plain fused conv-BN, the block has no shortcut, or hooks
     sit on a module the fused tail would not call, the block runs timm's own sequence with its units."""
 
+    def _attend(self, h):
+        """``self.attn(h)``; a timm SE / ECA module as ``h * gate`` with the gate computed as the fused
+        ResNet blocks compute it (``resfuse.nn.blocks.channel_gate``: its 1x1 layers as GEMMs)."""
+        gate = fnn.blocks.channel_gate(self.attn, h)
+        return self.attn(h) if gate is None else h * gate
+
     def _tail(self, h, x, last):
         sc, act = self.shortcut, self.act
         if (sc is None or type(self.attn_last) is not nn.Identity or type(self.drop_path) is not nn.Identity
@@ -118,7 +124,7 @@ class FusedByobBasicBlock(_FusedByobBlock):
     """timm ``byobnet.BasicBlock``: ``conv1_kxk`` → ``attn`` → ``conv2_kxk`` (+ shortcut, act fused in)."""
 
     def forward(self, x):
-        return self._tail(self.attn(self.conv1_kxk(x)), x, self.conv2_kxk)
+        return self._tail(self._attend(self.conv1_kxk(x)), x, self.conv2_kxk)
 
 
 class FusedByobBottleneck(_FusedByobBlock):
@@ -126,7 +132,7 @@ class FusedByobBottleneck(_FusedByobBlock):
     ``conv3_1x1`` (+ shortcut, act fused in)."""
 
     def forward(self, x):
-        return self._tail(self.attn(self.conv2b_kxk(self.conv2_kxk(self.conv1_1x1(x)))), x, self.conv3_1x1)
+        return self._tail(self._attend(self.conv2b_kxk(self.conv2_kxk(self.conv1_1x1(x)))), x, self.conv3_1x1)
 
 
 def _run_length(mods, i: int) -> int:
