@@ -7,6 +7,7 @@ Two ways to run it:
 
       pytest benchmarks/bench_cpu.py --benchmark-only --benchmark-group-by=group \\
           --benchmark-columns=median,iqr,rounds --benchmark-sort=name
+      pytest benchmarks/bench_cpu.py -k se_tail ...   # the end of an SE block alone (gate_act vs eager)
 
 * **the tables for the README / benchmarks/results** (providers interleaved round-robin, medians, markdown out; this is
   what to trust on a shared 2-core machine, where a sequential run drifts with the neighbours' load)::
