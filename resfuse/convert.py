@@ -333,7 +333,7 @@ def _se_note(m: nn.Module) -> str:
     named = [f"{n} ({type(c).__name__})" for n, c in (("se", se), ("drop_path", dp)) if c is not None]
     if not named:
         return ""
-    if (se is None or fnn.blocks.gate_fn(se) is not None) and (dp is None or fnn.blocks._is_drop_path(dp)):
+    if fnn.blocks.tail_fusable(se, dp):
         if se is None:  # DropPath alone: the identity in eval
             return (f"{named[0]}: in training its mask, the shortcut add and the ReLU run as one op (gate_act); "
                     "in eval the block is one fused chain")

@@ -85,17 +85,21 @@ def _split_forward(block, x: torch.Tensor, layers, aa_after: int) -> Optional[to
     return torch.relu_(z + shortcut)  # (in place on the fresh sum, as timm's act(inplace=True))
 
 
+def tail_fusable(se: Optional[nn.Module], dp: Optional[nn.Module]) -> bool:
+    """Whether a timm block's ``se`` and ``drop_path`` (None where absent or ``nn.Identity``) end the
+    fused block as one ``gate_act``: ``se`` None or a module :func:`gate_fn` knows, ``dp`` None or a
+    timm ``DropPath`` without hooks (what ``resfuse.explain`` reports, too)."""
+    return (se is None or gate_fn(se) is not None) and (dp is None or _is_drop_path(dp))
+
+
 def _tail_gate(se, dp, z: torch.Tensor) -> Optional[torch.Tensor]:
-    """The ``[N, C, 1, 1]`` gate ``g`` with ``dp(se(z)) == z * g`` for ``se`` None or a module
-    :func:`gate_fn` knows and ``dp`` None or a timm ``DropPath`` without hooks, else None (then the
-    modules run themselves). ``dp`` is called on the gate (``se``'s, or ones): its per-image mask has the
-    shape ``[N, 1, 1, 1]`` either way, so it draws the same random numbers as on ``se(z)``."""
-    if dp is not None and not _is_drop_path(dp):
+    """The ``[N, C, 1, 1]`` gate ``g`` with ``dp(se(z)) == z * g`` where :func:`tail_fusable`, else None
+    (then the modules run themselves). ``dp`` is called on the gate (``se``'s, or ones): its per-image
+    mask has the shape ``[N, 1, 1, 1]`` either way, so it draws the same random numbers as on ``se(z)``."""
+    if not tail_fusable(se, dp):
         return None
     gate = channel_gate(se, z) if se is not None else z.new_ones(z.shape[0], 1, 1, 1)
-    if gate is None or dp is None:
-        return gate
-    return dp(gate).expand(z.shape[0], z.shape[1], 1, 1)
+    return gate if dp is None else dp(gate).expand(z.shape[0], z.shape[1], 1, 1)
 
 
 def _is_drop_path(m: nn.Module) -> bool:

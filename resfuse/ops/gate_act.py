@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch._prims_common import suggest_memory_format
 
 from .. import _extension
 from ..backends import instance
-from .bn_act import _op
+from .bn_act import _like_input, _op
+from .chain import _stat_dtype
 
 __all__ = ["ChannelMeanFunction", "GateActFunction", "gate_act", "gate_act_backward", "gate_matrix"]
 
@@ -48,10 +48,6 @@ def gate_act_backward(grad_out: Tensor, output: Tensor, input: Tensor | None, ga
 
 
 if _extension.LOADED:
-    def _like_input(input: Tensor) -> Tensor:
-        return torch.empty(input.shape, dtype=input.dtype, device=input.device,
-                           memory_format=suggest_memory_format(input))
-
     @torch.library.register_fake("resfuse::gate_act")
     def _gate_act_fake(input, gate, residual, relu):
         return _like_input(input)
@@ -67,8 +63,7 @@ if _extension.LOADED:
 def gate_matrix(s: Tensor, x: Tensor) -> Tensor:
     """The ``[N, C, 1, 1]`` gate ``s`` of activations ``x`` as the ops' ``[N, C]`` gate: float32 (float64
     for float64 ``x``), contiguous (a view of ``s`` where it already is)."""
-    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return s.reshape(x.shape[0], x.shape[1]).to(dtype).contiguous()
+    return s.reshape(x.shape[0], x.shape[1]).to(_stat_dtype(x)).contiguous()
 
 
 class GateActFunction(torch.autograd.Function):
