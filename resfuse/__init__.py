@@ -75,7 +75,7 @@ def explain(model: "torch.nn.Module | None" = None) -> str:
         lines.append("last run: " + ", ".join(f"{op} -> {b}" for op, b in sorted(used.items())))
     from . import cpu_conv
     picked = cpu_conv.choices()
-    counts = {a: sum(v == a for v in picked.values()) for a in ("onednn", "gemm", "winograd", "winograd4")}
+    counts = {a: sum(v == a for v in picked.values()) for a in cpu_conv.ALGOS[1:]}
     lines.append(f"cpu convolutions: {cpu_conv.get_algo()} (RESFUSE_CPU_CONV); measured choices for "
                  f"{len(picked)} shapes: " + ", ".join(f"{a} {n}" for a, n in counts.items()))
     return "\n".join(lines)

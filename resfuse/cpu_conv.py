@@ -1,5 +1,5 @@
-"""Convolutions of the ``cpu`` backend: oneDNN (ATen), one GEMM, or Winograd F(2x2, 3x3) / F(4x4, 3x3),
-chosen per shape by measurement.
+"""Convolutions of the ``cpu`` backend: oneDNN (ATen), one GEMM (by BLAS or by oneDNN's matmul), or
+Winograd F(2x2, 3x3) / F(4x4, 3x3), chosen per shape by measurement.
 
 oneDNN's direct convolutions run near this CPU's peak (~115 GFLOP/s fp32 on one core of the 2-core
 AMD EPYC here) where the spatial extent is large, and poorly where it is small: measured (torch 2.13,
@@ -32,6 +32,12 @@ gather of ``x`` (a *view* of ``x`` for a 1x1 stride-1 convolution, a copy otherw
   one kernel tap (one ``Ci``-column block of ``cols``) at a time, so ``cols`` is never built
 * input grad (1x1 only): ``gx = gy @ w`` (scattered into a zero tensor for stride > 1)
 
+Each GEMM form has two engines, timed as two candidates: ``gemm`` (ATen's ``mm``: the BLAS torch is
+built with, MKL on x86; for a weight gradient the per-tap form below) and ``matmul`` (oneDNN's matmul,
+:func:`onednn_mm`, float32; for a weight gradient one GEMM over an im2col buffer of at most
+:data:`MAX_COLS_BYTES`). MKL picks its kernels by CPU vendor: on the AMD EPYC (Zen 5) the CI runs on,
+its sgemm runs AVX2 code at less than half of oneDNN's AVX-512 speed.
+
 Winograd (3x3, stride 1, padding 1, one group, float32 channels_last): forward, the input gradient
 as the forward convolution of ``gy`` by the rotated, transposed weight, the weight gradient from the
 transformed input and output-gradient tiles (:func:`winograd_weight_grad`); in inference (``cpu_backend``)
@@ -46,8 +52,8 @@ re-lays out a weight gradient. Accumulation is the GEMM's (fp32 for fp32/bf16/fp
 
 Where no alternative applies (grouped convolution, NCHW activations or weights, a forward im2col
 buffer above :data:`MAX_COLS_BYTES`) or while ``torch.compile`` traces, ATen runs without a trial.
-``RESFUSE_CPU_CONV=onednn|gemm|winograd|winograd4|auto`` (read at import) or :func:`set_algo` force a
-choice (``gemm``/``winograd``/``winograd4`` = wherever it applies; the tests run each). :func:`choices` lists what was
+``RESFUSE_CPU_CONV=onednn|gemm|matmul|winograd|winograd4|auto`` (read at import) or :func:`set_algo` force a
+choice (``gemm``/``matmul``/``winograd``/``winograd4`` = wherever it applies; the tests run each). :func:`choices` lists what was
 picked.
 """
 from __future__ import annotations
@@ -65,7 +71,10 @@ import torch.nn.functional as F
 from . import _extension
 from .backends import ConvGeom
 
-ALGOS = ("auto", "onednn", "gemm", "winograd", "winograd4")
+ALGOS = ("auto", "onednn", "gemm", "matmul", "winograd", "winograd4")
+#: the GEMM forms' two engines: ``gemm`` = ATen's ``mm`` (the BLAS torch is built with, MKL on x86),
+#: ``matmul`` = oneDNN's matmul (see :func:`onednn_mm`)
+GEMMS = ("gemm", "matmul")
 #: largest im2col buffer the GEMM forward may allocate (bytes; it adds to a train step's peak memory):
 #: the measured wins are all below 3 MiB (small maps), the losses above (28x28 maps, up to 14 MiB)
 MAX_COLS_BYTES = 8 << 20
@@ -97,8 +106,8 @@ _lock = threading.Lock()
 
 
 def set_algo(name: Optional[str]) -> None:
-    """Force ``"onednn"``, ``"gemm"``, ``"winograd"`` (F(2x2, 3x3)) or ``"winograd4"`` (F(4x4, 3x3))
-    (the last three wherever they apply, oneDNN elsewhere), or measure per shape (``"auto"``); ``None`` goes back to ``RESFUSE_CPU_CONV``.
+    """Force ``"onednn"``, ``"gemm"``, ``"matmul"``, ``"winograd"`` (F(2x2, 3x3)) or ``"winograd4"``
+    (F(4x4, 3x3)) (the last four wherever they apply, oneDNN elsewhere), or measure per shape (``"auto"``); ``None`` goes back to ``RESFUSE_CPU_CONV``.
     Clears the per-shape choices. Process-wide."""
     global _algo
     if name is not None and name not in ALGOS:
@@ -182,29 +191,47 @@ def _g_mat(gy):
     return gy.permute(0, 2, 3, 1).reshape(-1, gy.shape[1])  # a view for a channels_last gradient
 
 
-def gemm_forward(x, w, geom: ConvGeom):
+def onednn_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` (2-D, float32) by oneDNN's matmul: ``mkldnn::_linear_pointwise(a, b^T)``, the weight
+    ``b^T`` passed as the strided view it is (oneDNN reads it in place; ``a`` is made contiguous).
+    Where BLAS is slow this is the fast GEMM: on the AMD EPYC (Zen 5) CI machine MKL's sgemm runs its
+    AVX2 kernels at ~200 GFLOP/s on 2 threads, oneDNN's AVX-512 ones at ~470 (6272x256 @ 256x64: 1.05
+    vs 0.45 ms); on CPUs where MKL runs at full width both are near the machine's peak. Each use is
+    timed against the others like any candidate, so nothing assumes either."""
+    return torch.ops.mkldnn._linear_pointwise(a.contiguous(), b.t(), None, "none", [], "")
+
+
+#: ``mm(a, b)`` of each GEMM engine (:data:`GEMMS`)
+_MM: Dict[str, Callable] = {"gemm": torch.mm, "matmul": onednn_mm}
+
+
+def gemm_forward(x, w, geom: ConvGeom, engine: str = "gemm"):
     cols, ho, wo = _cols(x, w, geom)
-    y = cols @ _w_mat(w).t()
+    y = _MM[engine](cols, _w_mat(w).t())
     return y.view(x.shape[0], ho, wo, w.shape[0]).permute(0, 3, 1, 2)
 
 
-def gemm_weight_grad(gy, x, w, geom: ConvGeom):
-    """``gw = gy^T @ cols`` without materialising ``cols``: a 1x1 stride-1 unpadded convolution is one
-    GEMM on views; any other is ``resfuse::conv_weight_grad`` (csrc/cpu/conv_weight_grad.cpp): one
-    GEMM per kernel tap, ``gw[:, :, i, j] = gy[valid]^T @ x[shifted]``, the taps in parallel, written
-    into their slices of the channels_last ``gw``, each tap's positions gathered a few images or rows
-    at a time — small per-thread pieces instead of the ``kh*kw``-times larger im2col buffer (and
-    instead of the ~2 weight-sized buffers oneDNN's weight gradient holds besides its result)."""
+def gemm_weight_grad(gy, x, w, geom: ConvGeom, engine: str = "gemm"):
+    """``gw = gy^T @ cols``. A 1x1 stride-1 unpadded convolution is one GEMM on views. Otherwise,
+    ``engine="gemm"``: without materialising ``cols``, by ``resfuse::conv_weight_grad``
+    (csrc/cpu/conv_weight_grad.cpp): one GEMM per kernel tap, ``gw[:, :, i, j] = gy[valid]^T @
+    x[shifted]``, the taps in parallel, written into their slices of the channels_last ``gw``, each
+    tap's positions gathered a few images or rows at a time — small per-thread pieces instead of the
+    ``kh*kw``-times larger im2col buffer (and instead of the ~2 weight-sized buffers oneDNN's weight
+    gradient holds besides its result); ``engine="matmul"``: one oneDNN GEMM over the im2col buffer
+    (at most :data:`MAX_COLS_BYTES`, see :func:`_matmul_applies`) — on small maps with many channels
+    (ResNet-50's last stage at 112x112 input, 2 threads: 512->512 3x3 on 4x4 maps 1.8 ms against 2.3
+    per tap and 2.7 through oneDNN's convolution; 1x1 1024->2048 stride 2: 1.4 against 2.7 and 5.4)."""
     co, ci, kh, kw = w.shape
-    if _view_gemm(w, geom):
-        return (_g_mat(gy).t() @ _cols(x, w, geom)[0]).view(co, 1, 1, ci).permute(0, 3, 1, 2)
-    return torch.ops.resfuse.conv_weight_grad(gy, x, [kh, kw], list(geom.stride), list(geom.padding),
-                                              list(geom.dilation))
+    if engine == "gemm" and not _view_gemm(w, geom):
+        return torch.ops.resfuse.conv_weight_grad(gy, x, [kh, kw], list(geom.stride), list(geom.padding),
+                                                  list(geom.dilation))
+    return _MM[engine](_g_mat(gy).t(), _cols(x, w, geom)[0]).view(co, kh, kw, ci).permute(0, 3, 1, 2)
 
 
-def gemm_input_grad(gy, x, w, geom: ConvGeom):
+def gemm_input_grad(gy, x, w, geom: ConvGeom, engine: str = "gemm"):
     """1x1, no padding: ``gx[:, :, ::s, ::s] = gy @ w`` (zero elsewhere)."""
-    g = _g_mat(gy) @ _w_mat(w)
+    g = _MM[engine](_g_mat(gy), _w_mat(w))
     n, c, h, wd = x.shape
     if geom.stride == (1, 1):
         return g.view(n, h, wd, c).permute(0, 3, 1, 2)
@@ -215,18 +242,27 @@ def gemm_input_grad(gy, x, w, geom: ConvGeom):
 
 
 def gemm_input_grad_add_(acc, gy, x, w, geom: ConvGeom) -> bool:
-    """``acc += dL/dx`` for a 1x1 unpadded channels_last convolution as one GEMM added into the
-    (strided) positions it reaches; False (nothing done) where that does not apply or oneDNN /
-    Winograd is forced. Not timed against oneDNN: it saves the input-sized gradient and the pass
-    adding it (measured as fast as or faster than ATen's 1x1 input gradient alone, 0.99-0.79x)."""
-    if (_algo not in ("auto", "gemm") or tuple(w.shape[2:]) != (1, 1) or geom.padding != (0, 0)
+    """``acc += dL/dx`` for a 1x1 unpadded channels_last convolution (a projection shortcut's input
+    gradient, added into the block's), by the algorithm measured for this convolution's input
+    gradient: a GEMM engine adds its product straight into the (strided) positions it reaches — no
+    input-sized gradient, no pass adding it; oneDNN's gradient is added. False (nothing done) where
+    that does not apply or oneDNN / Winograd is forced."""
+    if (_algo not in ("auto", *GEMMS) or tuple(w.shape[2:]) != (1, 1) or geom.padding != (0, 0)
             or geom.groups != 1 or not (_is_cl(acc) and _is_cl(gy) and _is_cl(w))
             or torch.compiler.is_compiling()):
         return False
-    n, c = acc.shape[:2]
-    sh, sw = geom.stride
-    g = (_g_mat(gy) @ _w_mat(w)).view(n, gy.shape[2], gy.shape[3], c)
-    acc.permute(0, 2, 3, 1)[:, ::sh, ::sw, :].add_(g)
+    key = _key(x, w, geom, gy)
+    name = _memoised("input_grad", key)
+    due = name is not None and bool(_recheck) and _due("input_grad", key)
+    if name in GEMMS and not due:
+        n, c = acc.shape[:2]
+        sh, sw = geom.stride
+        g = _MM[name](_g_mat(gy), _w_mat(w)).view(n, gy.shape[2], gy.shape[3], c)
+        acc.permute(0, 2, 3, 1)[:, ::sh, ::sw, :].add_(g)
+    elif name is None or due:
+        acc.add_(pick("input_grad", key, _candidates("input_grad", gy, x, w, geom), again=due))
+    else:
+        acc.add_(_RUN["input_grad"][name](gy, x, w, geom))
     return True
 
 
@@ -253,9 +289,36 @@ def _gemm_applies(op: str, x, w, geom: ConvGeom) -> bool:
         if _view_gemm(w, geom):
             return True
         return _extension.LOADED and (w.shape[1] >= _MIN_TAP_CHANNELS or tuple(w.shape[2:]) == (1, 1))
+    return _view_gemm(w, geom) or _cols_bytes(x, w, geom) <= MAX_COLS_BYTES
+
+
+def _cols_bytes(x, w, geom: ConvGeom) -> int:
     ho, wo = _out_hw(x, w, geom)
-    cols_bytes = x.shape[0] * ho * wo * w.shape[1] * w.shape[2] * w.shape[3] * x.element_size()
-    return _view_gemm(w, geom) or cols_bytes <= MAX_COLS_BYTES
+    return x.shape[0] * ho * wo * w.shape[1] * w.shape[2] * w.shape[3] * x.element_size()
+
+
+def _matmul_applies(op: str, x, w, geom: ConvGeom) -> bool:
+    """The GEMM forms by oneDNN's matmul: float32, where oneDNN's matmul passed its probe, and — the
+    weight gradient too — with an im2col buffer of at most :data:`MAX_COLS_BYTES`."""
+    if x.dtype != torch.float32 or not _gemm_applies(op, x, w, geom) or _matmul_probe() is not None:
+        return False
+    return op != "weight_grad" or _view_gemm(w, geom) or _cols_bytes(x, w, geom) <= MAX_COLS_BYTES
+
+
+@functools.cache
+def _matmul_probe() -> Optional[str]:
+    """None when ``mkldnn::_linear_pointwise`` exists and computes ``a @ b`` with a strided ``b`` on a
+    tiny problem (deterministic data), else why not (then the ``matmul`` candidates are not offered)."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        return "torch.ops.mkldnn._linear_pointwise is missing"
+    try:
+        a = torch.arange(35, dtype=torch.float32).reshape(5, 7).sin()
+        b = torch.arange(42, dtype=torch.float32).reshape(6, 7).cos().t()  # [7, 6], strided
+        if torch.allclose(onednn_mm(a, b), a.double().mm(b.double()).float(), atol=1e-5, rtol=1e-5):
+            return None
+        return "oneDNN's matmul disagrees with float64 on a probe"
+    except Exception as e:  # noqa: BLE001 - any failure means: do not use it
+        return f"oneDNN's matmul failed a probe ({type(e).__name__}: {e})"
 
 
 def _timed(fn: Callable[[], torch.Tensor]):
@@ -333,6 +396,8 @@ def _candidates(op: str, gy, x, w, geom: ConvGeom) -> Dict[str, Callable[[], tor
     if not torch.compiler.is_compiling():
         if _gemm_applies(op, x, w, geom):
             names.append("gemm")
+            if _matmul_applies(op, x, w, geom):
+                names.append("matmul")
         # Winograd transforms x (forward, weight gradient: with a channels_last gy) or gy
         wino_input = gy if op == "input_grad" else x if op == "forward" or _is_cl(gy) else None
         if wino_input is not None and winograd_applies(wino_input, w, geom):
@@ -393,24 +458,30 @@ def _pair(ni: str, nw: str, gy, x, w, geom: ConvGeom):
     :data:`SPLIT_MIN_BYTES` (it saves min(input, weight) bytes) oneDNN's pair stays one ATen call."""
     if (ni, nw) == ("onednn", "onednn") and min(x.numel(), w.numel()) * x.element_size() < SPLIT_MIN_BYTES:
         return _aten_backward(gy, x, w, geom, True, True)
-    if _scratch("weight_grad", nw, x, w, gy) > _scratch("input_grad", ni, x, w, gy):
+    if _scratch("weight_grad", nw, x, w, gy, geom) > _scratch("input_grad", ni, x, w, gy, geom):
         gw = _RUN["weight_grad"][nw](gy, x, w, geom)
         return _RUN["input_grad"][ni](gy, x, w, geom), gw
     return _RUN["input_grad"][ni](gy, x, w, geom), _RUN["weight_grad"][nw](gy, x, w, geom)
 
 
-def _scratch(op: str, algo: str, x, w, gy) -> int:
+def _scratch(op: str, algo: str, x, w, gy, geom: ConvGeom) -> int:
     """Bytes of scratch memory (beyond its result) that ``algo`` holds while it computes ``op``,
     as measured at batch 8 on ResNet shapes: oneDNN ~2 weights for a weight gradient, ~1 for an
     input gradient (its reorders); the per-tap GEMM weight gradient a few small per-thread pieces
     (0); a 1x1 GEMM input gradient its dense product (scratch only for stride > 1, counted for
-    stride 1 too, where it is the result itself: an overestimate that can put it first); Winograd its
-    transformed weight (P/9 weights), twice for an input gradient (dense, then packed)."""
+    stride 1 too, where it is the result itself: an overestimate that can put it first), oneDNN's
+    matmul the same, and for a weight gradient ``gy^T`` and the im2col buffer (unless a view of
+    ``x``); Winograd its transformed weight (P/9 weights), twice for an input gradient (dense, then
+    packed)."""
     wb = w.numel() * w.element_size()
     if algo == "onednn":
         return 2 * wb if op == "weight_grad" else wb
+    if op != "weight_grad" and algo in GEMMS:
+        return gy.numel() // w.shape[0] * x.shape[1] * x.element_size()
     if algo == "gemm":
-        return 0 if op == "weight_grad" else gy.numel() // w.shape[0] * x.shape[1] * x.element_size()
+        return 0
+    if algo == "matmul":
+        return gy.numel() * gy.element_size() + (0 if _view_gemm(w, geom) else _cols_bytes(x, w, geom))
     return (1 if op == "weight_grad" else 2) * points(winograd_tile(algo)) * wb // 9
 
 
@@ -529,15 +600,17 @@ def _winograd_training(x, w, transpose: bool, tile: int):
 #: the training-time algorithms of each op, called as ``fn(gy, x, w, geom)`` (``gy`` None for forward)
 _RUN: Dict[str, Dict[str, Callable]] = {
     "forward": {"onednn": lambda gy, x, w, g: aten_forward(x, w, g),
-                "gemm": lambda gy, x, w, g: gemm_forward(x, w, g),
+                **{e: functools.partial(lambda e, gy, x, w, g: gemm_forward(x, w, g, e), e) for e in GEMMS},
                 **{n: functools.partial(lambda t, gy, x, w, g: _winograd_training(x, w, False, t), t)
                    for t, n in WINOGRAD.items()}},
     "input_grad": {"onednn": lambda gy, x, w, g: _aten_backward(gy, x, w, g, True, False)[0],
-                   "gemm": lambda gy, x, w, g: gemm_input_grad(gy, x, w, g),
+                   **{e: functools.partial(lambda e, gy, x, w, g: gemm_input_grad(gy, x, w, g, e), e)
+                      for e in GEMMS},
                    **{n: functools.partial(lambda t, gy, x, w, g: _winograd_training(gy, w, True, t), t)
                       for t, n in WINOGRAD.items()}},
     "weight_grad": {"onednn": lambda gy, x, w, g: _aten_backward(gy, x, w, g, False, True)[1],
-                    "gemm": lambda gy, x, w, g: gemm_weight_grad(gy, x, w, g),
+                    **{e: functools.partial(lambda e, gy, x, w, g: gemm_weight_grad(gy, x, w, g, e), e)
+                       for e in GEMMS},
                     **{n: functools.partial(lambda t, gy, x, w, g: winograd_weight_grad(gy, x, t), t)
                        for t, n in WINOGRAD.items()}},
 }

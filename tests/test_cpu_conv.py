@@ -49,22 +49,47 @@ GEOMS = [  # (N, Ci, Co, H, W, k, stride, padding, dilation)
 ]
 
 
+needs_matmul = pytest.mark.skipif(cpu_conv._matmul_probe() is not None,
+                                  reason=f"oneDNN matmul unavailable: {cpu_conv._matmul_probe()}")
+
+
+@pytest.mark.parametrize("engine", ["gemm", pytest.param("matmul", marks=needs_matmul)])
 @pytest.mark.parametrize("geom", GEOMS, ids=lambda c: "x".join(map(str, c)))
-def test_gemm_forms_match_aten(geom):
+def test_gemm_forms_match_aten(geom, engine):
+    """Against float64 ATen: BLAS in float64 (1e-12), oneDNN's matmul in float32 (1e-5)."""
     n, ci, co, h, w_, k, s, p, d = geom
     g = ConvGeom((s, s), (p, p), (d, d), 1)
     x, w = _cl(n, ci, h, w_), _cl(co, ci, k, k)
     y = F.conv2d(x, w, None, s, p, d)
     gy = _cl(*y.shape)
     gx, gw = _aten_backward(gy, x, w, g)
-    got = {"forward": cpu_conv.gemm_forward(x, w, g), "weight_grad": cpu_conv.gemm_weight_grad(gy, x, w, g)}
+    dt, tol = (torch.float64, 1e-12) if engine == "gemm" else (torch.float32, 1e-5)
+    xd, wd, gyd = x.to(dt), w.to(dt), gy.to(dt)
+    got = {"forward": cpu_conv.gemm_forward(xd, wd, g, engine),
+           "weight_grad": cpu_conv.gemm_weight_grad(gyd, xd, wd, g, engine)}
     want = {"forward": y, "weight_grad": gw}
     if k == 1 and p == 0:
-        got["input_grad"], want["input_grad"] = cpu_conv.gemm_input_grad(gy, x, w, g), gx
+        got["input_grad"], want["input_grad"] = cpu_conv.gemm_input_grad(gyd, xd, wd, g, engine), gx
     for name, value in got.items():
-        assert value.shape == want[name].shape, name
+        assert value.shape == want[name].shape and value.dtype == dt, name
         assert value.is_contiguous(memory_format=CL), f"{name}: not channels_last"
-        assert _rel(value, want[name]) < 1e-12, name
+        assert _rel(value, want[name]) < tol, name
+
+
+@needs_matmul
+def test_matmul_candidates_are_float32_within_the_cols_bound(monkeypatch):
+    """oneDNN's matmul is offered for float32 only (not float64 / bfloat16), and for a weight gradient
+    only while its im2col buffer fits MAX_COLS_BYTES (a 1x1 stride-1 layer's is a view: always)."""
+    g3, g1 = ConvGeom((1, 1), (1, 1), (1, 1), 1), ConvGeom((1, 1), (0, 0), (1, 1), 1)
+    x, w3, w1 = _cl(2, 32, 6, 6, dtype=torch.float32), _cl(8, 32, 3, 3, dtype=torch.float32), \
+        _cl(8, 32, 1, 1, dtype=torch.float32)
+    assert cpu_conv._matmul_applies("weight_grad", x, w3, g3)
+    assert not cpu_conv._matmul_applies("weight_grad", x.double(), w3.double(), g3)
+    assert not cpu_conv._matmul_applies("forward", x.bfloat16(), w3.bfloat16(), g3)
+    monkeypatch.setattr(cpu_conv, "MAX_COLS_BYTES", cpu_conv._cols_bytes(x, w3, g3) - 1)
+    assert not cpu_conv._matmul_applies("weight_grad", x, w3, g3)
+    assert cpu_conv._matmul_applies("weight_grad", x, w1, g1)
+    assert "matmul" in cpu_conv._candidates("weight_grad", _cl(2, 8, 6, 6, dtype=torch.float32), x, w1, g1)
 
 
 WINO_SHAPES = [(2, 5, 7, 9, 7), (1, 3, 4, 1, 1), (2, 8, 6, 2, 3), (3, 16, 9, 6, 6), (1, 17, 5, 5, 8), (2, 32, 24, 14, 11)]
@@ -184,11 +209,11 @@ def test_set_algo_rejects_unknown_name(algo):
 
 def test_auto_measures_once_per_shape(algo, monkeypatch):
     algo("auto")
-    calls = {"gemm": 0}
+    calls = {"gemm": 0, "matmul": 0}
     real = cpu_conv.gemm_weight_grad
 
-    def spy(*a):
-        calls["gemm"] += 1
+    def spy(*a):  # (gy, x, w, geom, engine)
+        calls[a[4] if len(a) > 4 else "gemm"] += 1
         return real(*a)
 
     monkeypatch.setattr(cpu_conv, "gemm_weight_grad", spy)
@@ -199,7 +224,8 @@ def test_auto_measures_once_per_shape(algo, monkeypatch):
     trials = calls["gemm"]
     assert trials == 1 + cpu_conv._TRIALS  # one warm-up, then the timed runs
     chosen = [v for k, v in cpu_conv.choices().items() if k[0] == "weight_grad"]
-    assert chosen and chosen[0] in ("onednn", "gemm", "winograd", "winograd4")
+    assert calls["matmul"] == (1 + cpu_conv._TRIALS if cpu_conv._matmul_probe() is None else 0)
+    assert chosen and chosen[0] in cpu_conv.ALGOS[1:]
     for _ in range(3):
         again = cpu_conv.backward(gy, x, w, g, False, True)[1]
     assert calls["gemm"] == trials + (3 if chosen[0] == "gemm" else 0)
@@ -214,7 +240,7 @@ def test_choice_is_checked_again_when_warm(algo, monkeypatch, op):
     algo("auto")
     monkeypatch.setattr(cpu_conv, "RECHECK_AFTER", 2)
     slow = {"on": True}
-    runs = {"onednn": 0, "gemm": 0}
+    runs = {"onednn": 0, "gemm": 0, "matmul": 0}
     real_timed = cpu_conv._timed
 
     real_candidates = cpu_conv._candidates
@@ -225,11 +251,11 @@ def test_choice_is_checked_again_when_warm(algo, monkeypatch, op):
             fn.algo = name
         return cands
 
-    def timed(fn):  # gemm looks 1 s slower in the first trial, 1 s faster in the second
+    def timed(fn):  # gemm looks 1 s slower in the first trial, 1 s faster in the second; matmul 9 s slower
         t, r = real_timed(fn)
         name = getattr(fn, "algo", None) or fn.args[1]  # a weight gradient's pair: _pair(ni, nw, ...)
         runs[name] += 1
-        return t + (1.0 if slow["on"] else -1.0) * (name == "gemm"), r
+        return t + (1.0 if slow["on"] else -1.0) * (name == "gemm") + 9.0 * (name == "matmul"), r
 
     monkeypatch.setattr(cpu_conv, "_candidates", candidates)
     monkeypatch.setattr(cpu_conv, "_timed", timed)
@@ -254,7 +280,8 @@ def test_choice_is_checked_again_when_warm(algo, monkeypatch, op):
     call()  # the first run by the choice: no trial yet
     assert sum(runs.values()) == timed_runs
     call()  # the second run: the trial again, which gemm wins
-    assert sum(runs.values()) == timed_runs + (2 if op == "forward" else 4) * cpu_conv._TRIALS
+    per_op = 3 if cpu_conv._matmul_probe() is None else 2  # candidates: onednn, gemm, matmul
+    assert sum(runs.values()) == timed_runs + (1 if op == "forward" else 2) * per_op * cpu_conv._TRIALS
     assert {k[0]: v for k, v in cpu_conv.choices().items()}[name] == "gemm"
     timed_runs = sum(runs.values())
     for _ in range(3):
@@ -502,24 +529,72 @@ def test_fused_model_eval_with_winograd_matches_eager(algo, name):
     assert _rel(got, want) < max(4 * _rel(plain, want), 1e-5)
 
 
+@pytest.mark.parametrize("name", ["auto", "gemm", pytest.param("matmul", marks=needs_matmul)])
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("hw", [6, 7])
-def test_gemm_input_grad_add(stride, hw):
-    """``acc += dL/dx`` of a 1x1 (strided) convolution, added in place into a channels_last gradient."""
-    x, w = _cl(2, 5, hw, hw), _cl(3, 5, 1, 1)
+def test_gemm_input_grad_add(algo, stride, hw, name, monkeypatch):
+    """``acc += dL/dx`` of a 1x1 (strided) convolution, added in place into a channels_last gradient
+    by the algorithm measured (``auto``) or forced for the convolution's input gradient: its first
+    call decides (a trial under ``auto``) and adds the gradient; later calls with a GEMM engine
+    add the product straight into ``acc`` (no input-sized gradient)."""
+    algo(name)
+    dtype, tol = (torch.float32, 1e-5) if name == "matmul" else (torch.float64, 1e-12)
+    x, w = _cl(2, 5, hw, hw, dtype=dtype), _cl(3, 5, 1, 1, dtype=dtype)
     g = ConvGeom((stride, stride), (0, 0), (1, 1), 1)
-    gy = _cl(*F.conv2d(x, w, None, stride).shape)
-    acc = _cl(2, 5, hw, hw)
-    want = acc + _aten_backward(gy, x, w, g)[0]
-    ptr = acc.data_ptr()
-    assert cpu_conv.gemm_input_grad_add_(acc, gy, x, w, g)
-    assert acc.data_ptr() == ptr and _rel(acc, want) < 1e-12
+    gy = _cl(*F.conv2d(x, w, None, stride).shape, dtype=dtype)
+    full = []
+    real = cpu_conv.gemm_input_grad
+    monkeypatch.setattr(cpu_conv, "gemm_input_grad", lambda *a: full.append(a[4]) or real(*a))
+    for call in range(3):
+        acc = _cl(2, 5, hw, hw, dtype=dtype)
+        want = acc.double() + _aten_backward(gy.double(), x.double(), w.double(), g)[0]
+        ptr = acc.data_ptr()
+        assert cpu_conv.gemm_input_grad_add_(acc, gy, x, w, g)
+        assert acc.data_ptr() == ptr and _rel(acc, want) < tol
+        if call == 0:
+            chosen = cpu_conv._memoised("input_grad", cpu_conv._key(x, w, g, gy))
+            assert chosen == name or name == "auto"
+            n_full = len(full)
+    assert len(full) == n_full  # after the first call: no full-size gradient (or oneDNN's, when it won)
     assert not cpu_conv.gemm_input_grad_add_(acc.contiguous(), gy, x, w, g)  # NCHW: not handled here
     cpu_conv.set_algo("onednn")
-    try:
-        assert not cpu_conv.gemm_input_grad_add_(acc, gy, x, w, g)  # oneDNN forced: not here either
-    finally:
-        cpu_conv.set_algo(None)
+    assert not cpu_conv.gemm_input_grad_add_(acc, gy, x, w, g)  # oneDNN forced: not here either
+
+
+@needs_matmul
+@pytest.mark.parametrize("kind", ["bottleneck", "basic"])
+def test_fused_block_train_with_matmul_matches_float64(algo, monkeypatch, kind):
+    """A fused ResNet block with a strided projection, trained in float32 with every GEMM form by
+    oneDNN's matmul: output, input and parameter gradients within 4x plain float32 PyTorch's error
+    against float64; the matmul forms ran (forward, input and weight gradients, the projection's
+    input gradient added into the block's)."""
+    algo("matmul")
+    ran = []
+    real = cpu_conv.onednn_mm
+    monkeypatch.setitem(cpu_conv._MM, "matmul", lambda a, b: ran.append(1) or real(a, b))
+    torch.manual_seed(0)
+    make = resfuse.reference.Bottleneck if kind == "bottleneck" else resfuse.reference.BasicBlock
+    cin, planes = (64, 32) if kind == "bottleneck" else (32, 64)
+    down = torch.nn.Sequential(torch.nn.Conv2d(cin, planes * make.expansion, 1, 2, bias=False),
+                               torch.nn.BatchNorm2d(planes * make.expansion))
+    ref = randomize_bn(make(cin, planes, 2, down)).train()
+    x = torch.randn(4, cin, 9, 9)
+    g = torch.randn(4, planes * make.expansion, 5, 5)
+
+    def run(model, inp, grad):
+        inp = inp.clone().requires_grad_()
+        out = model(inp)
+        out.backward(grad)
+        return [out.detach(), inp.grad] + [p.grad for p in model.parameters()]
+
+    want = run(copy.deepcopy(ref).double(), x.double(), g.double())
+    plain = run(copy.deepcopy(ref), x, g)
+    with resfuse.use_backend("cpu"):
+        fused = layout.channels_last(resfuse.fuse(copy.deepcopy(ref)))
+        got = run(fused, x.contiguous(memory_format=CL), g.contiguous(memory_format=CL))
+    assert len(ran) >= 3
+    for i, (gf, gp, gw) in enumerate(zip(got, plain, want)):
+        assert _rel(gf, gw) < max(4 * _rel(gp, gw), 1e-5), i
 
 
 def test_explain_reports_the_choices(algo):
