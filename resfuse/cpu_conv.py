@@ -30,10 +30,11 @@ gather of ``x`` (a *view* of ``x`` for a 1x1 stride-1 convolution, a copy otherw
 * forward:       ``y = cols @ w^T``            → ``[N*Ho*Wo, Co]`` = channels_last ``y``
 * weight grad:   ``gw = gy^T @ cols``          → ``[Co, kh*kw*Ci]`` = channels_last ``gw``, computed
   one kernel tap (one ``Ci``-column block of ``cols``) at a time, so ``cols`` is never built
-* input grad (1x1 only): ``gx = gy @ w`` (scattered into a zero tensor for stride > 1)
+* input grad:    ``gx = col2im(gy @ w)``       → the product ``[N*Ho*Wo, kh*kw*Ci]`` is ``gx`` itself
+  for a 1x1 stride-1 unpadded layer, else each tap's slice is added into its window of ``gx``
 
 Each GEMM form has two engines, timed as two candidates: ``gemm`` (ATen's ``mm``: the BLAS torch is
-built with, MKL on x86; for a weight gradient the per-tap form below) and ``matmul`` (oneDNN's matmul,
+built with, MKL on x86; for a weight gradient the per-tap form above) and ``matmul`` (oneDNN's matmul,
 :func:`onednn_mm`, float32; for a weight gradient one GEMM over an im2col buffer of at most
 :data:`MAX_COLS_BYTES`). MKL picks its kernels by CPU vendor: on the AMD EPYC (Zen 5) the CI runs on,
 its sgemm runs AVX2 code at less than half of oneDNN's AVX-512 speed.
@@ -50,8 +51,8 @@ eager's — ``onednn`` keeps eager's pattern exactly.
 Results keep the layouts of their operands (channels_last in, channels_last out), so autograd never
 re-lays out a weight gradient. Accumulation is the GEMM's (fp32 for fp32/bf16/fp16, fp64 for fp64).
 
-Where no alternative applies (grouped convolution, NCHW activations or weights, a forward im2col
-buffer above :data:`MAX_COLS_BYTES`) or while ``torch.compile`` traces, ATen runs without a trial.
+Where no alternative applies (grouped convolution, NCHW activations or weights, an im2col or
+input-gradient product above :data:`MAX_COLS_BYTES`) or while ``torch.compile`` traces, ATen runs without a trial.
 ``RESFUSE_CPU_CONV=onednn|gemm|matmul|winograd|winograd4|auto`` (read at import) or :func:`set_algo` force a
 choice (``gemm``/``matmul``/``winograd``/``winograd4`` = wherever it applies; the tests run each). :func:`choices` lists what was
 picked.
@@ -230,14 +231,27 @@ def gemm_weight_grad(gy, x, w, geom: ConvGeom, engine: str = "gemm"):
 
 
 def gemm_input_grad(gy, x, w, geom: ConvGeom, engine: str = "gemm"):
-    """1x1, no padding: ``gx[:, :, ::s, ::s] = gy @ w`` (zero elsewhere)."""
-    g = _MM[engine](_g_mat(gy), _w_mat(w))
+    """``gx = col2im(gy @ w)``: row ``(n, oh, ow)`` of the product ``[N*Ho*Wo, kh*kw*Ci]`` is what
+    that output position sends back to each tap of the window it read. A 1x1 stride-1 unpadded
+    convolution's product is ``gx`` itself; otherwise each tap's ``[N, Ho, Wo, Ci]`` slice is added
+    into its shifted, strided window of a zero-padded gradient, and the padding cropped. On small
+    maps with many channels this beats oneDNN's input gradient with oneDNN's matmul (2 threads,
+    batch 8: 512->512 3x3 on 4x4 maps 1.7 against 2.3 ms; 512->512 stride 2 from 7x7 1.7 against 2.6);
+    on larger maps the kh*kw adds cost more than the GEMM saves."""
     n, c, h, wd = x.shape
-    if geom.stride == (1, 1):
+    kh, kw = w.shape[2:]
+    ho, wo = gy.shape[2:]
+    g = _MM[engine](_g_mat(gy), _w_mat(w))
+    if _view_gemm(w, geom):
         return g.view(n, h, wd, c).permute(0, 3, 1, 2)
-    gx = x.new_zeros((n, h, wd, c))
-    sh, sw = geom.stride
-    gx[:, ::sh, ::sw, :] = g.view(n, gy.shape[2], gy.shape[3], c)
+    (sh, sw), (ph, pw), (dh, dw) = geom.stride, geom.padding, geom.dilation
+    g = g.view(n, ho, wo, kh, kw, c)
+    gx = x.new_zeros((n, h + 2 * ph, wd + 2 * pw, c))
+    for i in range(kh):
+        for j in range(kw):
+            gx[:, i * dh:i * dh + sh * (ho - 1) + 1:sh, j * dw:j * dw + sw * (wo - 1) + 1:sw].add_(g[:, :, :, i, j])
+    if ph or pw:
+        gx = gx[:, ph:ph + h, pw:pw + wd].contiguous()
     return gx.permute(0, 3, 1, 2)
 
 
@@ -281,8 +295,6 @@ def _aten_backward(gy, x, w, geom: ConvGeom, need_input, need_weight):
 # -- selection ----------------------------------------------------------------------------------------
 def _gemm_applies(op: str, x, w, geom: ConvGeom) -> bool:
     if geom.groups != 1 or not (_is_cl(x) and _is_cl(w)):
-        return False
-    if op == "input_grad" and (w.shape[2:] != (1, 1) or geom.padding != (0, 0)):
         return False
     if op == "weight_grad":  # per tap: no im2col buffer; each tap's GEMM has K = Ci columns, so a
         # few input channels make it hopeless (the 3-channel 7x7 stem: ~200 ms against oneDNN's 3 ms)
@@ -468,16 +480,16 @@ def _scratch(op: str, algo: str, x, w, gy, geom: ConvGeom) -> int:
     """Bytes of scratch memory (beyond its result) that ``algo`` holds while it computes ``op``,
     as measured at batch 8 on ResNet shapes: oneDNN ~2 weights for a weight gradient, ~1 for an
     input gradient (its reorders); the per-tap GEMM weight gradient a few small per-thread pieces
-    (0); a 1x1 GEMM input gradient its dense product (scratch only for stride > 1, counted for
-    stride 1 too, where it is the result itself: an overestimate that can put it first), oneDNN's
+    (0); a GEMM input gradient its product (for a 1x1 stride-1 layer the result itself, counted:
+    an overestimate that can put it first) and, padded, the gradient before cropping; oneDNN's
     matmul the same, and for a weight gradient ``gy^T`` and the im2col buffer (unless a view of
     ``x``); Winograd its transformed weight (P/9 weights), twice for an input gradient (dense, then
     packed)."""
     wb = w.numel() * w.element_size()
     if algo == "onednn":
         return 2 * wb if op == "weight_grad" else wb
-    if op != "weight_grad" and algo in GEMMS:
-        return gy.numel() // w.shape[0] * x.shape[1] * x.element_size()
+    if op != "weight_grad" and algo in GEMMS:  # the product, and a padded gradient to crop
+        return _cols_bytes(x, w, geom) + (x.numel() * x.element_size() if any(geom.padding) else 0)
     if algo == "gemm":
         return 0
     if algo == "matmul":

@@ -66,10 +66,9 @@ def test_gemm_forms_match_aten(geom, engine):
     dt, tol = (torch.float64, 1e-12) if engine == "gemm" else (torch.float32, 1e-5)
     xd, wd, gyd = x.to(dt), w.to(dt), gy.to(dt)
     got = {"forward": cpu_conv.gemm_forward(xd, wd, g, engine),
-           "weight_grad": cpu_conv.gemm_weight_grad(gyd, xd, wd, g, engine)}
-    want = {"forward": y, "weight_grad": gw}
-    if k == 1 and p == 0:
-        got["input_grad"], want["input_grad"] = cpu_conv.gemm_input_grad(gyd, xd, wd, g, engine), gx
+           "weight_grad": cpu_conv.gemm_weight_grad(gyd, xd, wd, g, engine),
+           "input_grad": cpu_conv.gemm_input_grad(gyd, xd, wd, g, engine)}
+    want = {"forward": y, "weight_grad": gw, "input_grad": gx}
     for name, value in got.items():
         assert value.shape == want[name].shape and value.dtype == dt, name
         assert value.is_contiguous(memory_format=CL), f"{name}: not channels_last"
@@ -305,8 +304,8 @@ def test_gradient_with_more_scratch_runs_first(algo, monkeypatch, name, split):
     """The input and weight gradients are two calls, the one whose algorithm holds more scratch
     memory first: oneDNN's weight gradient (~2 weights) before its input gradient (~1 weight) — or
     one ATen call for both where that order would save less than SPLIT_MIN_BYTES (these tiny
-    operands, by default); the per-tap GEMM weight gradient (small pieces) after oneDNN's input
-    gradient. Same values as ATen's single call for both."""
+    operands, by default); the per-tap GEMM weight gradient (small pieces) after the GEMM input
+    gradient (its product). Same values as ATen's single call for both."""
     algo(name)
     if split is not None:
         monkeypatch.setattr(cpu_conv, "SPLIT_MIN_BYTES", split)
@@ -321,8 +320,15 @@ def test_gradient_with_more_scratch_runs_first(algo, monkeypatch, name, split):
         calls.append("weight")
         return real_gemm(*args)
 
+    real_gemm_x = cpu_conv.gemm_input_grad
+
+    def spy_gemm_x(*args):
+        calls.append("input")
+        return real_gemm_x(*args)
+
     monkeypatch.setattr(cpu_conv, "_aten_backward", spy)
     monkeypatch.setattr(cpu_conv, "gemm_weight_grad", spy_gemm)
+    monkeypatch.setattr(cpu_conv, "gemm_input_grad", spy_gemm_x)
     x, w = _cl(2, 32, 6, 6, dtype=torch.float64), _cl(16, 32, 3, 3, dtype=torch.float64)
     gy = _cl(2, 16, 6, 6, dtype=torch.float64)
     g = ConvGeom((1, 1), (1, 1), (1, 1), 1)
