@@ -32,6 +32,9 @@ Providers (all fp32, ``torch.get_num_threads()`` threads, inputs created NCHW):
   converted to channels_last once at the model's input; oneDNN fused convolutions in eval.
 * ``resfuse_portable``: the same with the portable path forced (``cpu_backend.portable()``): ATen conv
   + resfuse ``bn_act``.
+* ``resfuse_blas`` (training): ``resfuse`` with its GEMM forms by BLAS only (no ``matmul``
+  candidates: what the cpu backend measured before oneDNN's matmul was one), with choice tables of
+  its own, so that both run in one process.
 * ``resfuse_nchw``: fused, without the layout helper (NCHW in; a fused ResNet still converts its input to
   channels_last once in inference, ``resfuse.layout.inference_input``, but keeps NCHW weights and, in
   training, NCHW activations).
@@ -172,6 +175,24 @@ def _portable(fn):
     return run
 
 
+def _blas_only(fn):
+    """``fn`` run with the ``matmul`` candidates off and per-shape choice tables of its own (swapped
+    in around each call: the tables are process-wide), beside providers measuring with them."""
+    tables = ({}, {}, {})
+
+    def run(*args):
+        saved = cpu_conv._choices, cpu_conv._memo, cpu_conv._recheck, cpu_conv._matmul_probe
+        cpu_conv._choices, cpu_conv._memo, cpu_conv._recheck = tables
+        cpu_conv._matmul_probe = lambda: "off (benchmark provider resfuse_blas)"
+        try:
+            return fn(*args)
+        finally:
+            cpu_conv._choices, cpu_conv._memo, cpu_conv._recheck, cpu_conv._matmul_probe = saved
+    run.params = getattr(fn, "params", None)
+    run.tables = tables
+    return run
+
+
 def _convs_alone(block):
     """The block's convolutions only (channels_last, no BN/ReLU/add): the ATen-conv ceiling."""
     b = copy.deepcopy(block).to(memory_format=CL)
@@ -267,6 +288,9 @@ def train_providers(model, names, block=False):
         elif n == "resfuse":
             f = _fused_block(m).to(memory_format=CL) if block else fused(m)
             fn = (block_train_step if block else train_step)(f, True)
+        elif n == "resfuse_blas":
+            f = _fused_block(m).to(memory_format=CL) if block else fused(m)
+            fn = _blas_only((block_train_step if block else train_step)(f, True))
         elif n == "resfuse_nchw":
             f = _fused_block(m) if block else resfuse.fuse(m)
             fn = (block_train_step if block else train_step)(f, False)
@@ -736,6 +760,20 @@ def test_cpu_smoke(benchmark, _cpu_backend, provider, mode):
         g = torch.randn(2, 16, 8, 8)
         fn = train_providers(blk, [provider], block=True)[provider]
         _bench(benchmark, fn, (x, g), grad=True, provider=provider)
+
+
+@pytest.mark.smoke
+def test_blas_provider_measures_apart(_cpu_backend):
+    """``resfuse_blas`` measures in tables of its own, never picks ``matmul``, and leaves the
+    process-wide tables and probe as they were."""
+    blk = make_block(("bottleneck", 32, 16, 2, 8))
+    x, g = torch.randn(2, 32, 8, 8), torch.randn(2, 64, 4, 4)
+    before = dict(cpu_conv.choices()), cpu_conv._matmul_probe
+    fn = train_providers(blk, ["resfuse_blas"], block=True)["resfuse_blas"]
+    with torch.enable_grad():
+        fn(x, g)
+    assert fn.tables[0] and "matmul" not in fn.tables[0].values()
+    assert (dict(cpu_conv.choices()), cpu_conv._matmul_probe) == before
 
 
 if __name__ == "__main__":
