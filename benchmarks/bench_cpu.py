@@ -524,7 +524,7 @@ def measure_peak(kind, name, provider):
         with torch.no_grad():
             g = torch.randn(blk.eval()(x).shape)
         step = train_providers(blk, [provider], block=True)[provider]
-        if provider in ("eager_cl", "resfuse"):  # in a network the activations arrive in this layout
+        if provider in ("eager_cl", "resfuse", "resfuse_blas"):  # in a network the activations arrive in this layout
             x, g = x.contiguous(memory_format=CL), g.contiguous(memory_format=CL)
         args = (x, g)
     for _ in range(TRAIN_WARM):

@@ -36,7 +36,7 @@ gather of ``x`` (a *view* of ``x`` for a 1x1 stride-1 convolution, a copy otherw
 Each GEMM form has two engines, timed as two candidates: ``gemm`` (ATen's ``mm``: the BLAS torch is
 built with, MKL on x86; for a weight gradient the per-tap form above) and ``matmul`` (oneDNN's matmul,
 :func:`onednn_mm`, float32; for a weight gradient one GEMM over an im2col buffer of at most
-:data:`MAX_COLS_BYTES`). MKL picks its kernels by CPU vendor: on the AMD EPYC (Zen 5) the CI runs on,
+:data:`MAX_GRAD_COLS_BYTES`). MKL picks its kernels by CPU vendor: on the AMD EPYC (Zen 5) the CI runs on,
 its sgemm runs AVX2 code at less than half of oneDNN's AVX-512 speed.
 
 Winograd (3x3, stride 1, padding 1, one group, float32 channels_last): forward, the input gradient
@@ -51,8 +51,8 @@ eager's — ``onednn`` keeps eager's pattern exactly.
 Results keep the layouts of their operands (channels_last in, channels_last out), so autograd never
 re-lays out a weight gradient. Accumulation is the GEMM's (fp32 for fp32/bf16/fp16, fp64 for fp64).
 
-Where no alternative applies (grouped convolution, NCHW activations or weights, an im2col or
-input-gradient product above :data:`MAX_COLS_BYTES`) or while ``torch.compile`` traces, ATen runs without a trial.
+Where no alternative applies (grouped convolution, NCHW activations or weights, an im2col buffer
+above :data:`MAX_COLS_BYTES` or a backward one above :data:`MAX_GRAD_COLS_BYTES`) or while ``torch.compile`` traces, ATen runs without a trial.
 ``RESFUSE_CPU_CONV=onednn|gemm|matmul|winograd|winograd4|auto`` (read at import) or :func:`set_algo` force a
 choice (``gemm``/``matmul``/``winograd``/``winograd4`` = wherever it applies; the tests run each). :func:`choices` lists what was
 picked.
@@ -79,6 +79,12 @@ GEMMS = ("gemm", "matmul")
 #: largest im2col buffer the GEMM forward may allocate (bytes; it adds to a train step's peak memory):
 #: the measured wins are all below 3 MiB (small maps), the losses above (28x28 maps, up to 14 MiB)
 MAX_COLS_BYTES = 8 << 20
+#: the same bound for the backward's GEMM forms (the weight gradient's im2col buffer by ``matmul``, the
+#: input gradient's product): their scratch comes at the backward's peak, next to the weight gradients.
+#: 4 MiB keeps ResNet-18/50's small-map wins at 112x112 (<= 2.4 MiB, batch 8) and leaves the 512-channel
+#: 3x3 layers on 7x7 maps (224x224, 7.2 MiB) to the per-tap GEMM / oneDNN: there the buffer raised a
+#: ResNet-18 stage block's train-step peak from 0.73x to 0.93x eager's
+MAX_GRAD_COLS_BYTES = 4 << 20
 _MARGIN = 0.95  # an alternative is chosen only if it takes < 95 % of the preferred one's time
 #: the candidate kept on a near-tie: oneDNN, except for weight gradients, where the per-tap GEMM holds
 #: far less memory (oneDNN's holds ~2 weight-sized buffers besides its result; see :func:`_scratch`)
@@ -220,7 +226,7 @@ def gemm_weight_grad(gy, x, w, geom: ConvGeom, engine: str = "gemm"):
     tap's positions gathered a few images or rows at a time — small per-thread pieces instead of the
     ``kh*kw``-times larger im2col buffer (and instead of the ~2 weight-sized buffers oneDNN's weight
     gradient holds besides its result); ``engine="matmul"``: one oneDNN GEMM over the im2col buffer
-    (at most :data:`MAX_COLS_BYTES`, see :func:`_matmul_applies`) — on small maps with many channels
+    (at most :data:`MAX_GRAD_COLS_BYTES`, see :func:`_matmul_applies`) — on small maps with many channels
     (ResNet-50's last stage at 112x112 input, 2 threads: 512->512 3x3 on 4x4 maps 1.8 ms against 2.3
     per tap and 2.7 through oneDNN's convolution; 1x1 1024->2048 stride 2: 1.4 against 2.7 and 5.4)."""
     co, ci, kh, kw = w.shape
@@ -301,7 +307,8 @@ def _gemm_applies(op: str, x, w, geom: ConvGeom) -> bool:
         if _view_gemm(w, geom):
             return True
         return _extension.LOADED and (w.shape[1] >= _MIN_TAP_CHANNELS or tuple(w.shape[2:]) == (1, 1))
-    return _view_gemm(w, geom) or _cols_bytes(x, w, geom) <= MAX_COLS_BYTES
+    bound = MAX_GRAD_COLS_BYTES if op == "input_grad" else MAX_COLS_BYTES
+    return _view_gemm(w, geom) or _cols_bytes(x, w, geom) <= bound
 
 
 def _cols_bytes(x, w, geom: ConvGeom) -> int:
@@ -311,10 +318,10 @@ def _cols_bytes(x, w, geom: ConvGeom) -> int:
 
 def _matmul_applies(op: str, x, w, geom: ConvGeom) -> bool:
     """The GEMM forms by oneDNN's matmul: float32, where oneDNN's matmul passed its probe, and — the
-    weight gradient too — with an im2col buffer of at most :data:`MAX_COLS_BYTES`."""
+    weight gradient too — with an im2col buffer of at most :data:`MAX_GRAD_COLS_BYTES`."""
     if x.dtype != torch.float32 or not _gemm_applies(op, x, w, geom) or _matmul_probe() is not None:
         return False
-    return op != "weight_grad" or _view_gemm(w, geom) or _cols_bytes(x, w, geom) <= MAX_COLS_BYTES
+    return op != "weight_grad" or _view_gemm(w, geom) or _cols_bytes(x, w, geom) <= MAX_GRAD_COLS_BYTES
 
 
 @functools.cache

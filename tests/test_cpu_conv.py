@@ -78,15 +78,19 @@ def test_gemm_forms_match_aten(geom, engine):
 @needs_matmul
 def test_matmul_candidates_are_float32_within_the_cols_bound(monkeypatch):
     """oneDNN's matmul is offered for float32 only (not float64 / bfloat16), and for a weight gradient
-    only while its im2col buffer fits MAX_COLS_BYTES (a 1x1 stride-1 layer's is a view: always)."""
+    only while its im2col buffer fits MAX_GRAD_COLS_BYTES (a 1x1 stride-1 layer's is a view: always);
+    the GEMM input gradient while its product does."""
     g3, g1 = ConvGeom((1, 1), (1, 1), (1, 1), 1), ConvGeom((1, 1), (0, 0), (1, 1), 1)
     x, w3, w1 = _cl(2, 32, 6, 6, dtype=torch.float32), _cl(8, 32, 3, 3, dtype=torch.float32), \
         _cl(8, 32, 1, 1, dtype=torch.float32)
     assert cpu_conv._matmul_applies("weight_grad", x, w3, g3)
     assert not cpu_conv._matmul_applies("weight_grad", x.double(), w3.double(), g3)
     assert not cpu_conv._matmul_applies("forward", x.bfloat16(), w3.bfloat16(), g3)
-    monkeypatch.setattr(cpu_conv, "MAX_COLS_BYTES", cpu_conv._cols_bytes(x, w3, g3) - 1)
+    assert cpu_conv._gemm_applies("input_grad", x, w3, g3)
+    monkeypatch.setattr(cpu_conv, "MAX_GRAD_COLS_BYTES", cpu_conv._cols_bytes(x, w3, g3) - 1)
     assert not cpu_conv._matmul_applies("weight_grad", x, w3, g3)
+    assert not cpu_conv._gemm_applies("input_grad", x, w3, g3)
+    assert cpu_conv._gemm_applies("forward", x, w3, g3)  # the forward's bound is MAX_COLS_BYTES
     assert cpu_conv._matmul_applies("weight_grad", x, w1, g1)
     assert "matmul" in cpu_conv._candidates("weight_grad", _cl(2, 8, 6, 6, dtype=torch.float32), x, w1, g1)
 
