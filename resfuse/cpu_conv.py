@@ -307,8 +307,11 @@ def _gemm_applies(op: str, x, w, geom: ConvGeom) -> bool:
         if _view_gemm(w, geom):
             return True
         return _extension.LOADED and (w.shape[1] >= _MIN_TAP_CHANNELS or tuple(w.shape[2:]) == (1, 1))
-    bound = MAX_GRAD_COLS_BYTES if op == "input_grad" else MAX_COLS_BYTES
-    return _view_gemm(w, geom) or _cols_bytes(x, w, geom) <= bound
+    if _view_gemm(w, geom):
+        return True
+    if op == "input_grad" and w.shape[2] * w.shape[3] > 1 and x.dtype not in (torch.float32, torch.float64):
+        return False  # col2im sums the taps' products in the activation dtype: bf16/fp16 would round each add
+    return _cols_bytes(x, w, geom) <= (MAX_GRAD_COLS_BYTES if op == "input_grad" else MAX_COLS_BYTES)
 
 
 def _cols_bytes(x, w, geom: ConvGeom) -> int:

@@ -87,6 +87,8 @@ def test_matmul_candidates_are_float32_within_the_cols_bound(monkeypatch):
     assert not cpu_conv._matmul_applies("weight_grad", x.double(), w3.double(), g3)
     assert not cpu_conv._matmul_applies("forward", x.bfloat16(), w3.bfloat16(), g3)
     assert cpu_conv._gemm_applies("input_grad", x, w3, g3)
+    assert not cpu_conv._gemm_applies("input_grad", x.bfloat16(), w3.bfloat16(), g3)  # col2im would round
+    assert cpu_conv._gemm_applies("input_grad", x.bfloat16(), w1.bfloat16(), g1)  # 1x1: the product is gx
     monkeypatch.setattr(cpu_conv, "MAX_GRAD_COLS_BYTES", cpu_conv._cols_bytes(x, w3, g3) - 1)
     assert not cpu_conv._matmul_applies("weight_grad", x, w3, g3)
     assert not cpu_conv._gemm_applies("input_grad", x, w3, g3)
