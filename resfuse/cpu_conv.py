@@ -320,9 +320,11 @@ def _cols_bytes(x, w, geom: ConvGeom) -> int:
 
 
 def _matmul_applies(op: str, x, w, geom: ConvGeom) -> bool:
-    """The GEMM forms by oneDNN's matmul: float32, where oneDNN's matmul passed its probe, and — the
-    weight gradient too — with an im2col buffer of at most :data:`MAX_GRAD_COLS_BYTES`."""
-    if x.dtype != torch.float32 or not _gemm_applies(op, x, w, geom) or _matmul_probe() is not None:
+    """The GEMM forms by oneDNN's matmul: float32, where oneDNN's matmul passed its probe and is not
+    switched off (``torch.backends.mkldnn.enabled``), and — the weight gradient too — with an im2col
+    buffer of at most :data:`MAX_GRAD_COLS_BYTES`."""
+    if (x.dtype != torch.float32 or not torch.backends.mkldnn.enabled or not _gemm_applies(op, x, w, geom)
+            or _matmul_probe() is not None):
         return False
     return op != "weight_grad" or _view_gemm(w, geom) or _cols_bytes(x, w, geom) <= MAX_GRAD_COLS_BYTES
 

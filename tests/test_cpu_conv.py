@@ -84,6 +84,11 @@ def test_matmul_candidates_are_float32_within_the_cols_bound(monkeypatch):
     x, w3, w1 = _cl(2, 32, 6, 6, dtype=torch.float32), _cl(8, 32, 3, 3, dtype=torch.float32), \
         _cl(8, 32, 1, 1, dtype=torch.float32)
     assert cpu_conv._matmul_applies("weight_grad", x, w3, g3)
+    torch.backends.mkldnn.enabled = False
+    try:
+        assert not cpu_conv._matmul_applies("weight_grad", x, w3, g3)
+    finally:
+        torch.backends.mkldnn.enabled = True
     assert not cpu_conv._matmul_applies("weight_grad", x.double(), w3.double(), g3)
     assert not cpu_conv._matmul_applies("forward", x.bfloat16(), w3.bfloat16(), g3)
     assert cpu_conv._gemm_applies("input_grad", x, w3, g3)
