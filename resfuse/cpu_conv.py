@@ -52,10 +52,10 @@ Results keep the layouts of their operands (channels_last in, channels_last out)
 re-lays out a weight gradient. Accumulation is the GEMM's (fp32 for fp32/bf16/fp16, fp64 for fp64).
 
 Where no alternative applies (grouped convolution, NCHW activations or weights, an im2col buffer
-above :data:`MAX_COLS_BYTES` or a backward one above :data:`MAX_GRAD_COLS_BYTES`) or while ``torch.compile`` traces, ATen runs without a trial.
-``RESFUSE_CPU_CONV=onednn|gemm|matmul|winograd|winograd4|auto`` (read at import) or :func:`set_algo` force a
-choice (``gemm``/``matmul``/``winograd``/``winograd4`` = wherever it applies; the tests run each). :func:`choices` lists what was
-picked.
+above :data:`MAX_COLS_BYTES` or a backward one above :data:`MAX_GRAD_COLS_BYTES`) or while
+``torch.compile`` traces, ATen runs without a trial. ``RESFUSE_CPU_CONV=onednn|gemm|matmul|winograd|
+winograd4|auto`` (read at import) or :func:`set_algo` force a choice (``gemm``/``matmul``/``winograd``/
+``winograd4`` = wherever it applies; the tests run each). :func:`choices` lists what was picked.
 """
 from __future__ import annotations
 
@@ -114,8 +114,8 @@ _lock = threading.Lock()
 
 def set_algo(name: Optional[str]) -> None:
     """Force ``"onednn"``, ``"gemm"``, ``"matmul"``, ``"winograd"`` (F(2x2, 3x3)) or ``"winograd4"``
-    (F(4x4, 3x3)) (the last four wherever they apply, oneDNN elsewhere), or measure per shape (``"auto"``); ``None`` goes back to ``RESFUSE_CPU_CONV``.
-    Clears the per-shape choices. Process-wide."""
+    (F(4x4, 3x3)) (the last four wherever they apply, oneDNN elsewhere), or measure per shape
+    (``"auto"``); ``None`` goes back to ``RESFUSE_CPU_CONV``. Clears the per-shape choices. Process-wide."""
     global _algo
     if name is not None and name not in ALGOS:
         raise ValueError(f"unknown CPU convolution algorithm {name!r}; valid: {', '.join(ALGOS)}")
@@ -255,7 +255,8 @@ def gemm_input_grad(gy, x, w, geom: ConvGeom, engine: str = "gemm"):
     gx = x.new_zeros((n, h + 2 * ph, wd + 2 * pw, c))
     for i in range(kh):
         for j in range(kw):
-            gx[:, i * dh:i * dh + sh * (ho - 1) + 1:sh, j * dw:j * dw + sw * (wo - 1) + 1:sw].add_(g[:, :, :, i, j])
+            rows, cols = slice(i * dh, i * dh + sh * (ho - 1) + 1, sh), slice(j * dw, j * dw + sw * (wo - 1) + 1, sw)
+            gx[:, rows, cols].add_(g[:, :, :, i, j])
     if ph or pw:
         gx = gx[:, ph:ph + h, pw:pw + wd].contiguous()
     return gx.permute(0, 3, 1, 2)
