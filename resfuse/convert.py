@@ -225,12 +225,8 @@ class _Verdict(NamedTuple):
 
 
 # -- recognition ------------------------------------------------------------------------------------------
-def _name(cls: type) -> str:
-    return f"{cls.__module__}.{cls.__qualname__}"
-
-
 def _known_base(cls: type, sources) -> type | None:
-    return next((k for k in cls.__mro__ if _name(k) in sources), None)
+    return next((k for k in cls.__mro__ if RF.qualname(k) in sources), None)
 
 
 def _overridden(cls: type, known: type) -> str | None:
@@ -272,7 +268,7 @@ def _child_reason(name: str, role: str, child) -> str:
     if role == "bn" and type(child) not in _BN_TYPES:
         return f"{name} is {kind}, not nn.BatchNorm2d or nn.SyncBatchNorm"
     if role == "bnact":
-        if _name(type(child)) != _BN_ACT:
+        if RF.qualname(type(child)) != _BN_ACT:
             return f"{name} is {kind}, not timm's BatchNormAct2d"
         if any(RF.hooked(sub) for sub in child.modules()):
             return f"{name} has hooks (the fused forward would skip them)"
@@ -297,7 +293,7 @@ def _match_pattern(m: nn.Module, p: Pattern, known: type) -> _Verdict:
 
     meth = _overridden(type(m), known)
     if meth:
-        return left(f"{_name(type(m))} overrides {known.__qualname__}.{meth}")
+        return left(f"{RF.qualname(type(m))} overrides {known.__qualname__}.{meth}")
     unexpected = sorted(k for k, v in m._modules.items() if v is not None and k not in p.children)
     if unexpected:
         return left(f"unexpected children {unexpected}")
@@ -377,7 +373,7 @@ def _classify(m: nn.Module) -> _Verdict:
         meth = _overridden(type(m), known)
         v = _match_sequential(m)
         if meth and v.status:
-            return _Verdict("left", FusedSequential, f"{_name(type(m))} overrides Sequential.{meth}")
+            return _Verdict("left", FusedSequential, f"{RF.qualname(type(m))} overrides Sequential.{meth}")
         return v
     return _Verdict(None)
 
@@ -422,7 +418,7 @@ def _swap_in(m: nn.Module, v: _Verdict) -> nn.Module:
     if v.status != "fusable":
         return m
     new = _rebuild(m, v.fused)
-    vars(new)[_ORIGIN] = _name(type(m))
+    vars(new)[_ORIGIN] = RF.qualname(type(m))
     return new
 
 
@@ -544,17 +540,17 @@ def explain_model(model: nn.Module) -> str:
         where = path or "(model)"
         if v.status == "fused":
             origin = vars(m).get(_ORIGIN)
-            rows["fused"].append((where, f"{_name(type(m))}" + (f"  (was {origin})" if origin else ""), v.note))
+            rows["fused"].append((where, f"{RF.qualname(type(m))}" + (f"  (was {origin})" if origin else ""), v.note))
         elif v.status == "fusable":
-            rows["fusable"].append((where, f"{_name(type(m))} -> {_name(v.fused)}", v.note))
+            rows["fusable"].append((where, f"{RF.qualname(type(m))} -> {RF.qualname(v.fused)}", v.note))
         elif v.status == "left":
-            rows["left"].append((where, _name(type(m)), v.reason))
+            rows["left"].append((where, RF.qualname(type(m)), v.reason))
         for name, child in m._modules.items():
             if child is None or name in v.absorbed:
                 continue
             cpath = f"{path}.{name}" if path else name
             if v.status != "left" and _is_norm(child):  # a left parent's reason covers its BNs
-                rows["left"].append((cpath, _name(type(child)), _norm_reason(m, v, child, where)))
+                rows["left"].append((cpath, RF.qualname(type(child)), _norm_reason(m, v, child, where)))
             walk(child, cpath)
 
     walk(model, "")
@@ -577,7 +573,7 @@ def _norm_reason(parent: nn.Module, v: _Verdict, bn: nn.Module, where: str) -> s
         return f"{type(bn).__name__} is not nn.BatchNorm2d or nn.SyncBatchNorm"
     if v.status is not None or _known_base(type(parent), (_SEQUENTIAL,)):
         return "not directly after a Conv2d"
-    return f"run by {where} ({_name(type(parent))}), whose forward resfuse does not know"
+    return f"run by {where} ({RF.qualname(type(parent))}), whose forward resfuse does not know"
 
 
 def _verify(model: nn.Module, fused: nn.Module, example: torch.Tensor | None) -> None:

@@ -171,6 +171,11 @@ def gate_act(x: torch.Tensor, gate: torch.Tensor, residual: Optional[torch.Tenso
     return be.gate_act(x, gate_matrix(gate, x), residual, bool(relu))  # inference: no autograd node
 
 
+def qualname(cls: type) -> str:
+    """``module.QualName`` of a class: how resfuse recognises classes it does not import (timm's, torchvision's)."""
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
 def hooked(m: nn.Module) -> bool:
     """Whether ``m`` has hooks of its own (a fused forward that does not call ``m`` would skip them)."""
     return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)

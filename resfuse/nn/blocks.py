@@ -104,8 +104,7 @@ def _tail_gate(se, dp, z: torch.Tensor) -> Optional[torch.Tensor]:
 
 def _is_drop_path(m: nn.Module) -> bool:
     """timm's ``DropPath`` (exact class: its forward is ``x * mask[n]``, the mask drawn per image)."""
-    cls = type(m)
-    return f"{cls.__module__}.{cls.__qualname__}" == "timm.layers.drop.DropPath" and not RF.hooked(m)
+    return RF.qualname(type(m)) == "timm.layers.drop.DropPath" and not RF.hooked(m)
 
 
 def _pointwise(conv: nn.Module, t: torch.Tensor) -> torch.Tensor:
@@ -166,8 +165,7 @@ def gate_fn(module: Optional[nn.Module]):
     """``fn(module, mean)`` computing the gate of a timm SE / effective-SE / ECA module (:data:`_GATES`)
     without hooks of its own and without ``add_maxpool`` from the channel mean of its input; None for
     any other module."""
-    cls = type(module)
-    entry = _GATES.get(f"{cls.__module__}.{cls.__qualname__}")
+    entry = _GATES.get(RF.qualname(type(module)))
     if (entry is None or RF.hooked(module) or getattr(module, "add_maxpool", False)
             or not all(hasattr(module, a) for a in entry[1])):
         return None
