@@ -273,17 +273,14 @@ def gemm_input_grad_add_(acc, gy, x, w, geom: ConvGeom) -> bool:
             or torch.compiler.is_compiling()):
         return False
     key = _key(x, w, geom, gy)
-    name = _memoised("input_grad", key)
-    due = name is not None and bool(_recheck) and _due("input_grad", key)
-    if name in GEMMS and not due:
+    name = _settled("input_grad", key)
+    if name in GEMMS:
         n, c = acc.shape[:2]
         sh, sw = geom.stride
         g = _MM[name](_g_mat(gy), _w_mat(w)).view(n, gy.shape[2], gy.shape[3], c)
         acc.permute(0, 2, 3, 1)[:, ::sh, ::sw, :].add_(g)
-    elif name is None or due:
-        acc.add_(pick("input_grad", key, _candidates("input_grad", gy, x, w, geom), again=due))
     else:
-        acc.add_(_RUN["input_grad"][name](gy, x, w, geom))
+        acc.add_(_run_settled("input_grad", name, gy, x, w, geom, key))
     return True
 
 
@@ -435,13 +432,24 @@ def _memoised(op: str, key: tuple) -> Optional[str]:
     return None if torch.compiler.is_compiling() else _memo.get((op, *key, torch.get_num_threads()))
 
 
-def _run(op: str, gy, x, w, geom: ConvGeom, key: tuple):
-    """``op`` by the algorithm it ran before on ``key`` — a dictionary lookup where building and
-    checking the candidates costs ~10 us a call — else chosen by :func:`pick`."""
+def _settled(op: str, key: tuple) -> Optional[str]:
+    """The algorithm an earlier call of ``op`` on ``key`` ran, to run again now — a dictionary lookup
+    where building and checking the candidates costs ~10 us a call — or None when a trial is due (the
+    first one, or the second, counted by :func:`_due`)."""
     name = _memoised(op, key)
-    if name is not None and not (_recheck and _due(op, key)):
+    return None if name is None or (_recheck and _due(op, key)) else name
+
+
+def _run_settled(op: str, name: Optional[str], gy, x, w, geom: ConvGeom, key: tuple):
+    """``op`` by ``name`` (:func:`_settled`'s answer), or, where that is None, chosen by :func:`pick`."""
+    if name is not None:
         return _RUN[op][name](gy, x, w, geom)
-    return pick(op, key, _candidates(op, gy, x, w, geom), again=name is not None)
+    return pick(op, key, _candidates(op, gy, x, w, geom), again=_memoised(op, key) is not None)
+
+
+def _run(op: str, gy, x, w, geom: ConvGeom, key: tuple):
+    """``op`` by the algorithm it ran before on ``key``, else chosen by :func:`pick`."""
+    return _run_settled(op, _settled(op, key), gy, x, w, geom, key)
 
 
 def forward(x, w, geom: ConvGeom):
