@@ -67,19 +67,26 @@ void gate_planes(const GateParams<scalar_t> p, int64_t plane0, int64_t plane1) {
   }
 }
 
-// NHWC rows [row0, row1) of C values; row / HW is the image.
-template <typename scalar_t, bool kRelu, bool kRes>
-void gate_rows(const GateParams<scalar_t> p, int64_t row0, int64_t row1) {
+// NHWC rows [row0, row1) of C values (row / HW is the image): step(i, k, gate) for each run of
+// k <= kStep values at offset i, with the image's gate for those channels — forward and backward alike.
+template <typename scalar_t, typename Step>
+C10_ALWAYS_INLINE void for_gate_rows(const at::opmath_type<scalar_t>* gate_nc, int64_t C, int64_t HW, int64_t row0,
+                                     int64_t row1, const Step& step) {
   using IO = VecIO<scalar_t>;
   for (int64_t row = row0; row < row1; ++row) {
-    const auto* gate = p.gate + (row / p.HW) * p.C;
-    const int64_t base = row * p.C;
+    const auto* gate = gate_nc + (row / HW) * C;
+    const int64_t base = row * C;
     int64_t c = 0;
-    for (; c + IO::kStep <= p.C; c += IO::kStep) {
-      gate_step<scalar_t, kRelu, kRes>(p, base + c, IO::kStep, IO::load_acc(gate + c));
-    }
-    if (c < p.C) gate_step<scalar_t, kRelu, kRes>(p, base + c, p.C - c, IO::load_acc(gate + c, p.C - c));
+    for (; c + IO::kStep <= C; c += IO::kStep) step(base + c, IO::kStep, IO::load_acc(gate + c));
+    if (c < C) step(base + c, C - c, IO::load_acc(gate + c, C - c));
   }
+}
+
+template <typename scalar_t, bool kRelu, bool kRes>
+void gate_rows(const GateParams<scalar_t> p, int64_t row0, int64_t row1) {
+  for_gate_rows<scalar_t>(p.gate, p.C, p.HW, row0, row1, [&](int64_t i, int64_t k, const auto& gate) {
+    gate_step<scalar_t, kRelu, kRes>(p, i, k, gate);
+  });
 }
 
 at::Tensor gate_act_cpu(const at::Tensor& input_, const at::Tensor& gate, const std::optional<at::Tensor>& residual_,
@@ -181,17 +188,10 @@ void gate_back_planes(const GateBackParams<scalar_t> p, int64_t plane0, int64_t 
 // NHWC without grad_gate: rows [row0, row1) of C values, elementwise.
 template <typename scalar_t, bool kRelu, bool kRg>
 void gate_back_rows(const GateBackParams<scalar_t> p, int64_t row0, int64_t row1) {
-  using IO = VecIO<scalar_t>;
-  typename IO::Pack unused;
-  for (int64_t row = row0; row < row1; ++row) {
-    const auto* gate = p.gate + (row / p.HW) * p.C;
-    const int64_t base = row * p.C;
-    int64_t c = 0;
-    for (; c + IO::kStep <= p.C; c += IO::kStep) {
-      gate_back_step<scalar_t, kRelu, kRg, false>(p, base + c, IO::kStep, IO::load_acc(gate + c), unused);
-    }
-    if (c < p.C) gate_back_step<scalar_t, kRelu, kRg, false>(p, base + c, p.C - c, IO::load_acc(gate + c, p.C - c), unused);
-  }
+  typename VecIO<scalar_t>::Pack unused;
+  for_gate_rows<scalar_t>(p.gate, p.C, p.HW, row0, row1, [&](int64_t i, int64_t k, const auto& gate) {
+    gate_back_step<scalar_t, kRelu, kRg, false>(p, i, k, gate, unused);
+  });
 }
 
 // NHWC: channels [c, c + k) of the row at offset `row`, adding dz * input into the chunk's lane sums.
